@@ -1,0 +1,83 @@
+"""The one small interface every model backend implements, and the errors it raises."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, AsyncIterator
+
+
+class ModelError(Exception):
+    """A model failed; the message is shown to the user. ``code`` is the protocol error code."""
+
+    code = "model_error"
+
+
+class BackendUnavailable(ModelError):
+    """The backend itself cannot be reached (e.g. no Ollama server); the message says what to do."""
+
+    code = "backend_unavailable"
+
+
+class UnknownModel(ModelError):
+    """The backend does not have the model."""
+
+    code = "unknown_model"
+
+
+@dataclass(frozen=True)
+class Token:
+    """One streamed piece of text and, when the backend gives it, its log-probability."""
+
+    text: str
+    logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Per-request sampling limits."""
+
+    max_tokens: int = 256
+    temperature: float = 0.7
+
+
+Messages = list[dict[str, str]]  # chat messages: {"role": ..., "content": ...}
+
+
+class Backend(abc.ABC):
+    """A model that can be loaded, unloaded and asked to stream a chat reply."""
+
+    kind: str  # "llamacpp" | "ollama"
+
+    def __init__(self, name: str, source: str):
+        self.name = name
+        self.source = source
+
+    @abc.abstractmethod
+    async def load(self) -> None:
+        """Make the model ready to answer quickly (idempotent)."""
+
+    @abc.abstractmethod
+    async def unload(self) -> None:
+        """Free the model's memory (idempotent)."""
+
+    @abc.abstractmethod
+    async def is_loaded(self) -> bool:
+        """Whether the model is in memory now."""
+
+    @abc.abstractmethod
+    def stream(self, messages: Messages, options: GenerationOptions) -> AsyncIterator[Token]:
+        """Stream the reply; closing the iterator stops generation. Raises ModelError."""
+
+
+def make_backend(name: str, backend: str, source: str, options: dict[str, Any]) -> Backend:
+    """Build the backend a model manifest entry names (imports only that backend's library)."""
+    if backend == "llamacpp":
+        from .llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(name, source, **options)
+    if backend == "ollama":
+        from .ollama_backend import OllamaBackend
+
+        return OllamaBackend(name, source, **options)
+    raise ModelError(f"model {name!r}: unknown backend {backend!r} (expected llamacpp or ollama)")

@@ -1,0 +1,232 @@
+"""The Python API: ``Client`` and its asyncio twin ``AsyncClient``.
+
+Both speak the protocol in ``mirador.client.protocol`` over one DEALER socket. ``ask`` yields
+reply events as dicts (the same objects ``mirador ask --json`` prints), each with ``t``: seconds
+since the request was sent, measured here, as the user sees it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections import defaultdict, deque
+from typing import Any, AsyncIterator, Iterator
+
+import zmq
+import zmq.asyncio
+
+from . import protocol
+from .paths import Paths
+
+DEFAULT_IDLE_TIMEOUT = 300.0  # an ask may wait this long for the next event before giving up
+
+
+class MiradorError(Exception):
+    """An error whose message is meant for the user."""
+
+
+class DaemonNotRunning(MiradorError):
+    """Nothing answers at the daemon's endpoint."""
+
+
+class _Requests:
+    """What both clients share: request ids, and replies that arrived for another request."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, endpoint: str | None):
+        self.endpoint = endpoint or Paths.from_env().endpoint
+        self._stash: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+        self._prefix = f"{os.getpid():x}-{id(self):x}-"
+
+    def _new_id(self) -> str:
+        return f"{self._prefix}{next(self._ids)}"
+
+    def _route(self, payload: bytes, rid: str, sent_at: float) -> dict[str, Any] | None:
+        """Decode one reply; return it if it belongs to ``rid``, else keep it for its owner."""
+        event = protocol.decode_event(payload)
+        event["t"] = round(time.perf_counter() - sent_at, 6)
+        if event.get("id") == rid:
+            return event
+        self._stash[event.get("id")].append(event)
+        return None
+
+    def _not_running(self) -> DaemonNotRunning:
+        return DaemonNotRunning(
+            f"no Mirador daemon answers at {self.endpoint}; start one with `mirador daemon start` (or run `miradord`)"
+        )
+
+    @staticmethod
+    def _ask_fields(text: str, stages: list[str] | None, options: dict[str, Any]) -> dict[str, Any]:
+        fields: dict[str, Any] = {"text": text}
+        if stages:
+            fields["stages"] = list(stages)
+        opts = {k: v for k, v in options.items() if v is not None}
+        if opts:
+            fields["options"] = opts
+        return fields
+
+
+def _socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    return sock
+
+
+class Client(_Requests):
+    """Blocking client. ``with Client() as c: for event in c.ask("..."): ...``"""
+
+    def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
+        super().__init__(endpoint)
+        self.idle_timeout = idle_timeout
+        self._sock = _socket(zmq.Context.instance(), self.endpoint)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    def _send(self, type_: str, **fields: Any) -> tuple[str, float]:
+        rid = self._new_id()
+        self._sock.send(protocol.request(type_, rid, **fields))
+        return rid, time.perf_counter()
+
+    def _replies(self, rid: str, sent_at: float, timeout: float) -> Iterator[dict[str, Any]]:
+        """Yield the replies to ``rid`` up to and including its final one."""
+        while True:
+            stash = self._stash.get(rid)
+            if stash:
+                event = stash.popleft()
+            else:
+                if not self._sock.poll(timeout * 1000):
+                    raise TimeoutError(timeout)
+                event = self._route(self._sock.recv(), rid, sent_at)
+                if event is None:
+                    continue
+            yield event
+            if event.get("final"):
+                self._stash.pop(rid, None)
+                return
+
+    def _call(self, type_: str, timeout: float, **fields: Any) -> dict[str, Any]:
+        rid, sent_at = self._send(type_, **fields)
+        try:
+            *_, last = self._replies(rid, sent_at, timeout)
+        except TimeoutError:
+            raise self._not_running() from None
+        return last
+
+    def ping(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The daemon's ``pong``; raises DaemonNotRunning if none comes within ``timeout``."""
+        return self._call("ping", timeout)
+
+    def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        return self._call("status", timeout)
+
+    def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
+        return self._call("cancel", timeout, target=target)
+
+    def ask(
+        self,
+        text: str,
+        stages: list[str] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Stream the events of one question; closing the iterator early cancels it."""
+        fields = self._ask_fields(text, stages, {"max_tokens": max_tokens, "temperature": temperature})
+        rid, sent_at = self._send("ask", **fields)
+        finished = False
+        try:
+            for event in self._replies(rid, sent_at, self.idle_timeout):
+                finished = event.get("final", False)
+                yield event
+        except TimeoutError:
+            raise MiradorError(f"the daemon sent nothing for {self.idle_timeout:.0f} s; see `mirador status`") from None
+        finally:
+            if not finished:
+                self._sock.send(protocol.request("cancel", self._new_id(), target=rid))
+
+
+class AsyncClient(_Requests):
+    """The asyncio twin of ``Client``: same methods, awaited; ``ask`` is an async iterator."""
+
+    def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
+        super().__init__(endpoint)
+        self.idle_timeout = idle_timeout
+        self._sock = _socket(zmq.asyncio.Context.instance(), self.endpoint)
+
+    async def __aenter__(self) -> "AsyncClient":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
+
+    async def _send(self, type_: str, **fields: Any) -> tuple[str, float]:
+        rid = self._new_id()
+        await self._sock.send(protocol.request(type_, rid, **fields))
+        return rid, time.perf_counter()
+
+    async def _replies(self, rid: str, sent_at: float, timeout: float) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            stash = self._stash.get(rid)
+            if stash:
+                event = stash.popleft()
+            else:
+                if not await self._sock.poll(timeout * 1000):
+                    raise TimeoutError(timeout)
+                event = self._route(await self._sock.recv(), rid, sent_at)
+                if event is None:
+                    continue
+            yield event
+            if event.get("final"):
+                self._stash.pop(rid, None)
+                return
+
+    async def _call(self, type_: str, timeout: float, **fields: Any) -> dict[str, Any]:
+        rid, sent_at = await self._send(type_, **fields)
+        last: dict[str, Any] = {}
+        try:
+            async for last in self._replies(rid, sent_at, timeout):
+                pass
+        except TimeoutError:
+            raise self._not_running() from None
+        return last
+
+    async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
+        return await self._call("ping", timeout)
+
+    async def status(self, timeout: float = 10.0) -> dict[str, Any]:
+        return await self._call("status", timeout)
+
+    async def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
+        return await self._call("cancel", timeout, target=target)
+
+    async def ask(
+        self,
+        text: str,
+        stages: list[str] | None = None,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        fields = self._ask_fields(text, stages, {"max_tokens": max_tokens, "temperature": temperature})
+        rid, sent_at = await self._send("ask", **fields)
+        finished = False
+        try:
+            async for event in self._replies(rid, sent_at, self.idle_timeout):
+                finished = event.get("final", False)
+                yield event
+        except TimeoutError:
+            raise MiradorError(f"the daemon sent nothing for {self.idle_timeout:.0f} s; see `mirador status`") from None
+        finally:
+            if not finished:
+                await self._sock.send(protocol.request("cancel", self._new_id(), target=rid))

@@ -1,0 +1,177 @@
+"""The ``mirador`` command. Thin: it imports no Ray, ChromaDB or llama.cpp, so it starts fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from . import daemon_control
+from .api import Client, DaemonNotRunning, MiradorError
+from .paths import Paths
+from .render import Renderer
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo(f"mirador: {message}", err=True)
+    sys.exit(code)
+
+
+def _progress_printer(label: str):
+    """A progress callback that rewrites one stderr line while the daemon starts."""
+    tty = sys.stderr.isatty()
+    shown = {"last": -1}
+
+    def progress(waited: float) -> None:
+        second = int(waited)
+        if tty:
+            click.echo(f"\r{label} {waited:4.1f} s", err=True, nl=False)
+        elif second != shown["last"] and second % 10 == 0:
+            click.echo(f"{label} {second} s", err=True)
+        shown["last"] = second
+
+    def finish() -> None:
+        if tty and shown["last"] >= 0:
+            click.echo("\r\x1b[K", err=True, nl=False)
+
+    return progress, finish
+
+
+def _start_daemon(paths: Paths, args: list[str] | None = None) -> bool:
+    progress, finish = _progress_printer("waiting for miradord to start…")
+    try:
+        return daemon_control.ensure_running(paths, progress, args)
+    except MiradorError as exc:
+        finish()
+        _fail(str(exc))
+    finally:
+        finish()
+    return False
+
+
+@click.group()
+@click.version_option(package_name="mirador-ai", prog_name="mirador")
+def main() -> None:
+    """Mirador: a local-first personal AI daemon and its client."""
+
+
+@main.command()
+@click.argument("text", nargs=-1, required=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the events as NDJSON, one object per line.")
+@click.option("--stages", help="Comma-separated stages to run, e.g. quick.")
+@click.option("--max-tokens", type=click.IntRange(1, 8192), help="Limit each stage's answer length.")
+@click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature for every stage.")
+@click.option("--no-autostart", is_flag=True, help="Fail instead of starting the daemon when none is running.")
+def ask(text: tuple[str, ...], as_json: bool, stages: str | None, max_tokens: int | None,
+        temperature: float | None, no_autostart: bool) -> None:
+    """Ask a question; the answer streams as it is generated. TEXT '-' reads standard input."""
+    question = sys.stdin.read() if text == ("-",) else " ".join(text)
+    if not question.strip():
+        _fail("the question is empty", 2)
+    paths = Paths.from_env()
+    if not daemon_control.answers(paths):
+        if no_autostart:
+            _fail(f"no Mirador daemon is running (socket {paths.socket}); start one with `mirador daemon start`")
+        click.echo(f"mirador: no daemon running; starting miradord in the background (log: {paths.logfile})", err=True)
+        _start_daemon(paths)
+
+    stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    renderer = None if as_json else Renderer(sys.stdout, sys.stderr)
+    failed = False
+    with Client(paths.endpoint) as client:
+        events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature)
+        try:
+            for event in events:
+                failed |= event.get("event") == "error"
+                if renderer:
+                    renderer.handle(event)
+                else:
+                    click.echo(json.dumps(event, ensure_ascii=False))
+        except KeyboardInterrupt:
+            events.close()  # tells the daemon to stop generating
+            if renderer:
+                renderer.stop_spinner()
+            click.echo("\nmirador: cancelled", err=True)
+            sys.exit(130)
+        except MiradorError as exc:
+            _fail(str(exc))
+        finally:
+            if renderer:
+                renderer.stop_spinner()
+    sys.exit(1 if failed else 0)
+
+
+def _status_text(status: dict[str, Any]) -> str:
+    up = int(status["uptime_s"])
+    ray_how = "started by the daemon" if status.get("ray_started_here") else "joined"
+    lines = [
+        f"miradord {status['version']}  pid {status['pid']}  up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s"
+        f"  {'ready' if status.get('ready') else 'starting'}",
+        f"ray:     {status['ray_address']} ({ray_how})",
+        f"socket:  {status['socket']}",
+        f"log:     {status['log']}",
+        "actors:",
+    ]
+    for actor in status["actors"]:
+        state = "loaded" if actor.get("loaded") else "not loaded"
+        if actor.get("busy"):
+            state += ", generating"
+        where = f"  node {actor['node_id'][:12]}  pid {actor['pid']}" if actor.get("node_id") else ""
+        lines.append(f"  {actor['name']:<16} {actor.get('model', '?')} ({actor.get('backend', '?')})  {state}{where}")
+        if actor.get("error"):
+            lines.append(f"  {'':<16} error: {actor['error']}")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+def status(as_json: bool) -> None:
+    """Show the daemon: pid, uptime, Ray address, and each actor with its model."""
+    paths = Paths.from_env()
+    pid = daemon_control.running_pid(paths)
+    try:
+        if not paths.socket.exists():
+            raise DaemonNotRunning("")
+        with Client(paths.endpoint) as client:
+            result = client.status()
+    except DaemonNotRunning:
+        if pid is not None:
+            _fail(f"miradord (pid {pid}) is starting; try again in a moment")
+        _fail("miradord is not running; start it with `mirador daemon start`")
+    click.echo(json.dumps(result, indent=2) if as_json else _status_text(result))
+
+
+@main.group()
+def daemon() -> None:
+    """Start or stop the background daemon."""
+
+
+@daemon.command("start")
+@click.option("--ray-address", help="Join this Ray cluster instead of starting a private one.")
+def daemon_start(ray_address: str | None) -> None:
+    """Start miradord in the background and wait until it is ready."""
+    paths = Paths.from_env()
+    pid = daemon_control.running_pid(paths)
+    if pid is not None and daemon_control.answers(paths):
+        click.echo(f"miradord is already running (pid {pid})")
+        return
+    started = _start_daemon(paths, ["--ray-address", ray_address] if ray_address else None)
+    pid = daemon_control.running_pid(paths)
+    click.echo(f"miradord {'started' if started else 'is running'} (pid {pid}); log: {paths.logfile}")
+
+
+@daemon.command("stop")
+def daemon_stop() -> None:
+    """Stop the daemon (SIGTERM) and wait until it has shut down."""
+    paths = Paths.from_env()
+    try:
+        pid = daemon_control.stop(paths)
+    except MiradorError as exc:
+        _fail(str(exc))
+    click.echo(f"miradord (pid {pid}) stopped" if pid else "miradord is not running")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""The Mirador wire protocol, version 1.
+
+Transport
+    ZeroMQ. The daemon binds a ROUTER socket, by default at
+    ``ipc://$XDG_RUNTIME_DIR/mirador/miradord.sock`` (see ``mirador.client.paths``); a client
+    connects a DEALER socket. Every message is exactly ONE ZeroMQ frame holding ONE msgpack map
+    with string keys (the client's DEALER sends ``[payload]``; the daemon's ROUTER sees
+    ``[identity, payload]``). One connection may carry many requests at once.
+
+Requests (client -> daemon)
+    ``{"v": 1, "id": ID, "type": TYPE, ...fields}``
+
+    - ``v``: protocol version, the integer 1.
+    - ``id``: a string of 1..64 characters chosen by the client, unique among its open requests.
+      Every reply to the request carries it back.
+    - ``type`` and its fields:
+
+      ``ask``     ``text`` (non-empty string, required); ``stages`` (list of stage names,
+                  optional: default all configured stages); ``options`` (map, optional:
+                  ``max_tokens`` int 1..8192, ``temperature`` number 0..2).
+      ``cancel``  ``target``: the ``id`` of an ``ask`` sent on the same connection.
+      ``status``  no fields.
+      ``ping``    no fields.
+
+    Unknown extra keys are ignored, so newer clients can add optional fields.
+
+Replies (daemon -> client)
+    ``{"v": 1, "id": ID, "event": NAME, "final": BOOL, ...fields}``
+
+    A request's replies end with exactly one whose ``final`` is true; nothing with that ``id``
+    follows it. In order:
+
+    ``ask``    ``start`` {query_id, route, stages: [names]}; then, per stage,
+               ``stage_start`` {stage, model}, ``token`` {stage, model, text, confidence in
+               [0, 1], logprob or null}..., ``stage_end`` {stage, model, tokens,
+               first_token_s, duration_s, tokens_per_s, cancelled};
+               then ``done`` {query_id, cancelled, metrics} (final).
+               A stage that fails sends ``error`` {code, message, stage} (not final) instead of
+               finishing its tokens; the ask still ends with ``done``.
+    ``cancel`` ``ack`` {target, found} (final). The cancelled ask then ends with ``done``
+               whose ``cancelled`` is true.
+    ``status`` ``status`` {pid, version, uptime_s, ready, ray_address, actors: [{name, stage,
+               model, backend, loaded, node_id, pid}]} (final).
+    ``ping``   ``pong`` {pid, version, ready} (final). ``ready`` turns true once the stage
+               actors are up; an ``ask`` sent before that waits for them.
+
+    A request that cannot be served at all gets one ``error`` {code, message} with ``final``
+    true; if its ``id`` could not be read, the reply's ``id`` is null. The daemon keeps serving
+    everyone else. Error codes:
+
+    ``bad_frame`` (not one msgpack map), ``bad_version``, ``bad_request`` (a field missing or
+    of the wrong type), ``too_large`` (a frame over MAX_FRAME_BYTES), ``unknown_type``,
+    ``unknown_stage``, ``duplicate_id``, ``shutting_down``, ``internal``. Stage errors (not
+    final) use ``model_error`` (the model failed), ``unknown_model`` (the backend lacks it),
+    ``backend_unavailable`` (e.g. Ollama is not running) and ``stage_unavailable`` (its actor
+    died).
+
+Flow control
+    The daemon never drops a reply: its ROUTER socket uses ROUTER_MANDATORY, and when a client's
+    queue is full it waits (and slows that client's generation) instead of discarding. When a
+    client goes away, its asks are cancelled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+MAX_FRAME_BYTES = 1 << 20
+MAX_ID_CHARS = 64
+REQUEST_TYPES = ("ask", "cancel", "status", "ping")
+EVENTS = ("start", "stage_start", "token", "stage_end", "error", "done", "ack", "status", "pong")
+
+
+class ProtocolError(Exception):
+    """A request the daemon cannot serve; becomes one final ``error`` reply."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+def pack(obj: dict[str, Any]) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def request(type_: str, request_id: str, **fields: Any) -> bytes:
+    """Encode a request frame (client side)."""
+    return pack({"v": VERSION, "id": request_id, "type": type_, **fields})
+
+
+def reply(request_id: str | None, event: str, final: bool = False, **fields: Any) -> bytes:
+    """Encode a reply frame (daemon side)."""
+    return pack({"v": VERSION, "id": request_id, "event": event, "final": final, **fields})
+
+
+def error_reply(err: ProtocolError) -> bytes:
+    """The one final ``error`` reply to a request that cannot be served."""
+    return reply(err.request_id, "error", final=True, code=err.code, message=err.message)
+
+
+def decode_event(payload: bytes) -> dict[str, Any]:
+    """Decode a reply frame (client side)."""
+    obj = msgpack.unpackb(payload, raw=False)
+    if not isinstance(obj, dict) or "event" not in obj:
+        raise ProtocolError("bad_frame", "the daemon sent a frame that is not a reply")
+    return obj
+
+
+def parse_request(frames: list[bytes]) -> dict[str, Any]:
+    """Decode and validate a request (daemon side). Raises ProtocolError with what is wrong."""
+    if len(frames) != 1:
+        raise ProtocolError("bad_frame", f"expected one frame per message, got {len(frames)}")
+    payload = frames[0]
+    if len(payload) > MAX_FRAME_BYTES:
+        raise ProtocolError("too_large", f"frame of {len(payload)} bytes exceeds the limit of {MAX_FRAME_BYTES}")
+    try:
+        obj = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError("bad_frame", f"frame is not valid msgpack ({type(exc).__name__})") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_frame", "frame must be a msgpack map")
+    rid = obj.get("id")
+    if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_CHARS:
+        raise ProtocolError("bad_request", f"'id' must be a string of 1..{MAX_ID_CHARS} characters")
+    if obj.get("v") != VERSION:
+        raise ProtocolError("bad_version", f"protocol version {obj.get('v')!r} is not supported; this daemon speaks {VERSION}", rid)
+    type_ = obj.get("type")
+    if type_ not in REQUEST_TYPES:
+        raise ProtocolError("unknown_type", f"unknown request type {type_!r}; expected one of {', '.join(REQUEST_TYPES)}", rid)
+    if type_ == "ask":
+        _check_ask(obj, rid)
+    elif type_ == "cancel" and not isinstance(obj.get("target"), str):
+        raise ProtocolError("bad_request", "'cancel' needs 'target': the id of the ask to cancel", rid)
+    return obj
+
+
+def _check_ask(obj: dict[str, Any], rid: str) -> None:
+    def bad(message: str) -> ProtocolError:
+        return ProtocolError("bad_request", message, rid)
+
+    text = obj.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise bad("'ask' needs 'text': a non-empty string")
+    stages = obj.get("stages")
+    if stages is not None and (not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages)):
+        raise bad("'stages' must be a non-empty list of stage names")
+    options = obj.get("options") or {}
+    if not isinstance(options, dict):
+        raise bad("'options' must be a map")
+    max_tokens = options.get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or not 1 <= max_tokens <= 8192):
+        raise bad("'options.max_tokens' must be an integer in 1..8192")
+    temperature = options.get("temperature")
+    if temperature is not None and (type(temperature) not in (int, float) or not 0 <= temperature <= 2):
+        raise bad("'options.temperature' must be a number in 0..2")

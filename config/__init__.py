@@ -1,0 +1,1 @@
+"""Default configuration shipped with Mirador: the TOML files beside this module."""

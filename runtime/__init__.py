@@ -1,0 +1,1 @@
+"""The daemon process (`miradord`): config, Ray bootstrap, the ZeroMQ server, orchestration."""

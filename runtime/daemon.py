@@ -1,0 +1,191 @@
+"""``miradord``: the daemon process.
+
+Start-up: config → pid lock → Ray (private or joined) → one StageActor per stage, models loaded →
+ZeroMQ socket bound (clients that find the socket find a ready daemon) → serve until SIGTERM or
+SIGINT. Shutdown: running asks end with a ``shutting_down`` error, actors are killed, the Ray it
+started is stopped, the socket file is removed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import fcntl
+import logging
+import os
+import signal
+import sys
+import time
+from importlib import metadata
+from typing import IO, Any
+
+from mirador.client.paths import Paths
+
+from .config import Config, ConfigError, load_config
+
+log = logging.getLogger("mirador.daemon")
+
+
+def version() -> str:
+    try:
+        return metadata.version("mirador-ai")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class Daemon:
+    def __init__(self, config: Config, paths: Paths):
+        self.config, self.paths = config, paths
+        self.started_at = time.time()
+        self.ray_address = ""
+        self.ray_started = False
+        self.actors: dict[str, Any] = {}
+        self.ready = False
+
+    # -- what the server asks of us -------------------------------------------------------
+    def pong(self) -> dict[str, Any]:
+        return {"pid": os.getpid(), "version": version(), "ready": self.ready}
+
+    async def status(self) -> dict[str, Any]:
+        async def one(stage: str, actor: Any) -> dict[str, Any]:
+            try:
+                return {"name": f"stage:{stage}", **await asyncio.wait_for(actor.info.remote(), 5)}
+            except Exception as exc:  # a dead or stuck actor is reported, not fatal
+                return {"name": f"stage:{stage}", "stage": stage, "model": self.config.stages[stage].model,
+                        "loaded": False, "error": f"not responding ({type(exc).__name__})"}
+
+        actors = await asyncio.gather(*(one(s, a) for s, a in self.actors.items()))
+        return {
+            **self.pong(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "ray_address": self.ray_address,
+            "ray_started_here": self.ray_started,
+            "socket": str(self.paths.socket),
+            "log": str(self.paths.logfile),
+            "actors": list(actors),
+        }
+
+    def new_ask(self, request: dict[str, Any]) -> Any:
+        return self.orchestrator.new_ask(request)
+
+    async def run_ask(self, ask: Any, emit: Any) -> None:
+        await self.orchestrator.run(ask, emit)
+
+    def cancel_ask(self, ask: Any) -> None:
+        self.orchestrator.cancel(ask)
+
+    # -- life cycle -----------------------------------------------------------------------
+    async def run(self) -> None:
+        import ray
+
+        from mirador.actors.stage import StageActor
+
+        from .orchestrator import Orchestrator
+        from .ray_boot import start_ray
+        from .server import Server
+
+        log.info("miradord %s starting (pid %d); Ray %s", version(), os.getpid(),
+                 f"at {self.config.ray_address}" if self.config.ray_address else "private, local")
+        self.ray_address, self.ray_started = start_ray(self.config.ray_address, self.config.ray_num_cpus, self.paths)
+        # Ray installs its own SIGTERM handler in ray.init; ours go in after it.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+        server = None
+        try:
+            for name, stage in self.config.stages.items():
+                spec = self.config.models[stage.model]
+                self.actors[name] = StageActor.remote(
+                    name, spec.name, spec.backend, spec.source, spec.options, stage.confidence_prior
+                )
+            for name, loaded in zip(self.actors, await asyncio.gather(*(a.load.remote() for a in self.actors.values()))):
+                info = await self.actors[name].info.remote()
+                if loaded:
+                    log.info("stage %s: %s loaded", name, info["model"])
+                else:
+                    log.error("stage %s: %s is not loaded: %s", name, info["model"], info["error"])
+            self.orchestrator = Orchestrator(self.config, self.actors)
+            server = Server(self.paths.endpoint, self)
+            server.bind()
+            self.ready = True
+            log.info("ready in %.1f s at %s", time.time() - self.started_at, self.paths.endpoint)
+            serving = asyncio.ensure_future(server.serve())
+            await stop.wait()
+            log.info("shutting down")
+            serving.cancel()
+        finally:
+            if server is not None:
+                await server.close()
+            for actor in self.actors.values():
+                ray.kill(actor)
+            if self.ray_started:
+                ray.shutdown()
+            log.info("stopped")
+
+
+def setup_logging(paths: Paths, level: str) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.FileHandler(paths.logfile), logging.StreamHandler(sys.stderr)]
+    root = logging.getLogger("mirador")
+    root.setLevel(level.upper())
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def acquire_pid_lock(paths: Paths) -> IO[str] | None:
+    """Hold an exclusive lock on the pid file for the daemon's lifetime; None if another holds it.
+
+    The kernel drops the lock when the process dies, however it dies, so a stale pid file never
+    blocks a new daemon.
+    """
+    handle = open(paths.pidfile, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    return handle
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="miradord", description="The Mirador daemon (runs in the foreground).")
+    parser.add_argument("--ray-address", help="join this Ray cluster ('auto' or HOST:PORT) instead of starting a private one")
+    parser.add_argument("--log-level", help="debug, info, warning or error (default from config: info)")
+    args = parser.parse_args(argv)
+
+    paths = Paths.from_env()
+    try:
+        paths.ensure()
+        config = load_config(paths)
+    except (ConfigError, OSError) as exc:
+        print(f"miradord: {exc}", file=sys.stderr)
+        return 2
+    if args.ray_address:
+        config = dataclasses.replace(config, ray_address=args.ray_address)
+    setup_logging(paths, args.log_level or config.log_level)
+
+    lock = acquire_pid_lock(paths)
+    if lock is None:
+        log.error("another miradord is already running for %s (pid file %s)", paths.runtime, paths.pidfile)
+        return 1
+    try:
+        asyncio.run(Daemon(config, paths).run())
+    except Exception:
+        log.exception("miradord failed")
+        return 1
+    finally:
+        paths.pidfile.unlink(missing_ok=True)  # still ours: we hold the lock until the close below
+        lock.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
