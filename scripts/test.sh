@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install everything (scripts/setup.sh --test) and run the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh --test
+exec .venv/bin/python -m pytest "$@"

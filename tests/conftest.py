@@ -1,0 +1,86 @@
+"""Shared fixtures: isolated Mirador homes and a real daemon process per test module."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mirador.client import Client
+from mirador.client import daemon_control
+from mirador.client.paths import Paths
+
+BIN = Path(sys.executable).parent
+
+
+@dataclass
+class Home:
+    """An isolated MIRADOR_HOME: every path a daemon or client uses lives under it."""
+
+    root: Path
+    env: dict[str, str]
+
+    @property
+    def paths(self) -> Paths:
+        return Paths.from_env(self.env)
+
+    def client(self, **kwargs) -> Client:
+        return Client(self.paths.endpoint, **kwargs)
+
+    def mirador(self, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess[str]:
+        """Run the real `mirador` CLI in this home."""
+        return subprocess.run([str(BIN / "mirador"), *args], env=self.env, capture_output=True, text=True,
+                              timeout=timeout, **kwargs)
+
+
+def make_home() -> Home:
+    # Short, so the ipc socket path stays far below the unix limit whatever pytest's tmp path is.
+    root = Path(tempfile.mkdtemp(prefix="mrd-", dir="/tmp"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIRADOR_", "XDG_", "RAY_"))}
+    env.update(MIRADOR_HOME=str(root), PATH=f"{BIN}:{env.get('PATH', '')}", NO_COLOR="1")
+    return Home(root, env)
+
+
+@pytest.fixture
+def home():
+    h = make_home()
+    yield h
+    daemon_control.stop(h.paths)
+    shutil.rmtree(h.root, ignore_errors=True)
+
+
+@dataclass
+class Daemon:
+    home: Home
+    proc: subprocess.Popen[bytes]
+
+
+def start_daemon(h: Home) -> Daemon:
+    h.paths.ensure()
+    log = open(h.root / "daemon.stderr", "wb")
+    proc = subprocess.Popen([str(BIN / "miradord")], env=h.env, stdout=log, stderr=subprocess.STDOUT)
+    daemon_control.wait_ready(h.paths, proc, timeout=180)
+    return Daemon(h, proc)
+
+
+def stop_daemon(d: Daemon) -> int:
+    if d.proc.poll() is None:
+        d.proc.send_signal(signal.SIGTERM)
+    return d.proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """One real miradord (real Ray, llama.cpp, ZeroMQ) shared by a test module."""
+    h = make_home()
+    d = start_daemon(h)
+    yield d
+    stop_daemon(d)
+    shutil.rmtree(h.root, ignore_errors=True)

@@ -1,0 +1,168 @@
+"""The Ollama backend, through the official `ollama` client, against a loopback HTTP server.
+
+No Ollama server can be installed on these machines, so this module runs a small HTTP server on
+127.0.0.1 that replays Ollama's real wire format: NDJSON streaming from POST /api/chat (one JSON
+object per line, a final `done: true` object, per-token `logprobs` when asked), an `{"error": ...}`
+line in the middle of a stream, HTTP 404 with `{"error": "model '...' not found"}` for an unknown
+model, load/unload replies (`done_reason: "load"` / `"unload"`), and GET /api/ps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from mirador.actors.backend import BackendUnavailable, GenerationOptions, ModelError, UnknownModel
+from mirador.actors.ollama_backend import OllamaBackend
+
+CREATED = "2026-11-21T10:00:00.000000Z"
+ANSWER = [("The", -0.05), (" sky", -0.4), (" is", -0.01), (" blue", -1.2), (".", -0.3)]
+
+
+class FakeOllama(BaseHTTPRequestHandler):
+    requests: list[tuple[str, dict]] = []
+    loaded: set[str] = set()
+
+    def log_message(self, *args):  # keep pytest output clean
+        pass
+
+    def _json(self, status: int, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _ndjson(self, lines: list[dict]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for obj in lines:
+            data = (json.dumps(obj) + "\n").encode()
+            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+
+    def do_GET(self):
+        if self.path == "/api/ps":
+            self._json(200, {"models": [{"name": m, "model": m, "size": 1, "digest": "0" * 64, "details": {},
+                                         "expires_at": CREATED, "size_vram": 0} for m in self.loaded]})
+        else:
+            self._json(404, {"error": "not found"})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.requests.append((self.path, body))
+        model = body.get("model")
+        if model == "missing:latest":
+            return self._json(404, {"error": f"model '{model}' not found"})
+        if not body.get("messages"):  # load or unload
+            unload = body.get("keep_alive") == 0
+            (self.loaded.discard if unload else self.loaded.add)(model)
+            return self._json(200, {"model": model, "created_at": CREATED, "message": {"role": "assistant", "content": ""},
+                                    "done_reason": "unload" if unload else "load", "done": True})
+        lines = []
+        for text, lp in ANSWER:
+            line = {"model": model, "created_at": CREATED, "message": {"role": "assistant", "content": text}, "done": False}
+            if body.get("logprobs") and model != "nologprobs:latest":
+                line["logprobs"] = [{"token": text, "logprob": lp, "bytes": list(text.encode())}]
+            lines.append(line)
+        if model == "crashes:latest":
+            lines = lines[:2] + [{"error": "an error was encountered while running the model: unexpected EOF"}]
+        else:
+            lines.append({"model": model, "created_at": CREATED, "message": {"role": "assistant", "content": ""},
+                          "done": True, "done_reason": "stop", "total_duration": 1000, "load_duration": 10,
+                          "prompt_eval_count": 12, "prompt_eval_duration": 100, "eval_count": 5, "eval_duration": 500})
+        self._ndjson(lines)
+
+
+@pytest.fixture(scope="module")
+def ollama_host():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOllama)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def collect(backend, **opts):
+    messages = [{"role": "user", "content": "Why is the sky blue?"}]
+    return [t async for t in backend.stream(messages, GenerationOptions(**opts))]
+
+
+def test_streams_tokens_with_logprobs_and_passes_options(ollama_host):
+    backend = OllamaBackend("small", "llama3.2:1b", host=ollama_host, keep_alive="10m")
+    tokens = run(collect(backend, max_tokens=32, temperature=0.1))
+    assert [t.text for t in tokens] == [text for text, _ in ANSWER]
+    assert [t.logprob for t in tokens] == pytest.approx([lp for _, lp in ANSWER])
+    path, body = FakeOllama.requests[-1]
+    assert path == "/api/chat" and body["stream"] is True and body["logprobs"] is True
+    assert body["keep_alive"] == "10m"
+    assert body["options"]["num_predict"] == 32 and body["options"]["temperature"] == 0.1
+
+
+def test_a_server_without_logprobs_gives_none(ollama_host):
+    tokens = run(collect(OllamaBackend("old", "nologprobs:latest", host=ollama_host)))
+    assert len(tokens) == len(ANSWER) and all(t.logprob is None for t in tokens)
+
+
+def test_mid_stream_error_becomes_model_error(ollama_host):
+    backend = OllamaBackend("bad", "crashes:latest", host=ollama_host)
+    seen = []
+
+    async def go():
+        async for token in backend.stream([{"role": "user", "content": "hi"}], GenerationOptions()):
+            seen.append(token)
+
+    with pytest.raises(ModelError, match="unexpected EOF") as info:
+        run(go())
+    assert not isinstance(info.value, BackendUnavailable)
+    assert [t.text for t in seen] == ["The", " sky"]  # what came before the error was delivered
+
+
+def test_unknown_model_says_how_to_pull_it(ollama_host):
+    with pytest.raises(UnknownModel, match=r"ollama pull missing:latest"):
+        run(collect(OllamaBackend("m", "missing:latest", host=ollama_host)))
+    with pytest.raises(UnknownModel):
+        run(OllamaBackend("m", "missing:latest", host=ollama_host).load())
+
+
+def test_load_and_unload_use_empty_messages_and_keep_alive(ollama_host):
+    backend = OllamaBackend("small", "llama3.2:1b", host=ollama_host, keep_alive=-1)
+    run(backend.load())
+    assert FakeOllama.requests[-1][1]["messages"] == [] and FakeOllama.requests[-1][1]["keep_alive"] == -1
+    assert run(backend.is_loaded()) is True
+    run(backend.unload())
+    assert FakeOllama.requests[-1][1]["keep_alive"] == 0
+    assert run(backend.is_loaded()) is False
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_nothing_listening_is_one_clear_error(monkeypatch):
+    host = f"http://127.0.0.1:{free_port()}"
+    backend = OllamaBackend("small", "llama3.2:1b", host=host)
+    for action in (collect(backend), backend.load()):
+        with pytest.raises(BackendUnavailable) as info:
+            run(action)
+        assert f"Ollama is not running at {host}" in str(info.value) and "ollama serve" in str(info.value)
+    assert run(backend.is_loaded()) is False
+    # Without a host option the backend honours OLLAMA_HOST, like the ollama CLI.
+    monkeypatch.setenv("OLLAMA_HOST", host)
+    with pytest.raises(BackendUnavailable, match=host):
+        run(collect(OllamaBackend("small", "llama3.2:1b")))
