@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator, Iterator
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from . import protocol
 from .paths import Paths
@@ -38,6 +39,7 @@ class _Requests:
     def __init__(self, endpoint: str | None):
         self.endpoint = endpoint or Paths.from_env().endpoint
         self._stash: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
+        self._ignored: set[str] = set()  # fire-and-forget requests whose replies nobody reads
         self._prefix = f"{os.getpid():x}-{id(self):x}-"
 
     def _new_id(self) -> str:
@@ -47,10 +49,26 @@ class _Requests:
         """Decode one reply; return it if it belongs to ``rid``, else keep it for its owner."""
         event = protocol.decode_event(payload)
         event["t"] = round(time.perf_counter() - sent_at, 6)
-        if event.get("id") == rid:
+        owner = event.get("id")
+        if owner == rid:
             return event
-        self._stash[event.get("id")].append(event)
+        if owner in self._ignored:
+            if event.get("final"):
+                self._ignored.discard(owner)
+        else:
+            self._stash[owner].append(event)
         return None
+
+    def _cancel_frame(self, target: str) -> bytes:
+        rid = self._new_id()
+        self._ignored.add(rid)
+        return protocol.request("cancel", rid, target=target)
+
+    def _check_monitor(self, message: list[bytes]) -> None:
+        if parse_monitor_message(message)["event"] == zmq.EVENT_DISCONNECTED:
+            raise DaemonNotRunning(
+                f"the daemon closed the connection (it stopped or crashed); see {Paths.from_env().logfile}"
+            )
 
     def _not_running(self) -> DaemonNotRunning:
         return DaemonNotRunning(
@@ -68,11 +86,13 @@ class _Requests:
         return fields
 
 
-def _socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def _socket(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """A DEALER connected to the daemon, and a monitor that reports when the daemon goes away."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     sock.connect(endpoint)
-    return sock
+    return sock, monitor
 
 
 class Client(_Requests):
@@ -81,7 +101,10 @@ class Client(_Requests):
     def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
         super().__init__(endpoint)
         self.idle_timeout = idle_timeout
-        self._sock = _socket(zmq.Context.instance(), self.endpoint)
+        self._sock, self._monitor = _socket(zmq.Context.instance(), self.endpoint)
+        self._poller = zmq.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def __enter__(self) -> "Client":
         return self
@@ -90,6 +113,8 @@ class Client(_Requests):
         self.close()
 
     def close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
     def _send(self, type_: str, **fields: Any) -> tuple[str, float]:
@@ -104,8 +129,13 @@ class Client(_Requests):
             if stash:
                 event = stash.popleft()
             else:
-                if not self._sock.poll(timeout * 1000):
-                    raise TimeoutError(timeout)
+                ready = dict(self._poller.poll(timeout * 1000))
+                if self._monitor in ready:
+                    self._check_monitor(self._monitor.recv_multipart())
+                if self._sock not in ready:
+                    if not ready:
+                        raise TimeoutError(timeout)
+                    continue
                 event = self._route(self._sock.recv(), rid, sent_at)
                 if event is None:
                     continue
@@ -151,7 +181,10 @@ class Client(_Requests):
             raise MiradorError(f"the daemon sent nothing for {self.idle_timeout:.0f} s; see `mirador status`") from None
         finally:
             if not finished:
-                self._sock.send(protocol.request("cancel", self._new_id(), target=rid))
+                try:  # a daemon that went away cannot take it: never block on it
+                    self._sock.send(self._cancel_frame(rid), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
 
 
 class AsyncClient(_Requests):
@@ -160,7 +193,10 @@ class AsyncClient(_Requests):
     def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
         super().__init__(endpoint)
         self.idle_timeout = idle_timeout
-        self._sock = _socket(zmq.asyncio.Context.instance(), self.endpoint)
+        self._sock, self._monitor = _socket(zmq.asyncio.Context.instance(), self.endpoint)
+        self._poller = zmq.asyncio.Poller()
+        self._poller.register(self._sock, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     async def __aenter__(self) -> "AsyncClient":
         return self
@@ -169,6 +205,8 @@ class AsyncClient(_Requests):
         self.close()
 
     def close(self) -> None:
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
     async def _send(self, type_: str, **fields: Any) -> tuple[str, float]:
@@ -182,8 +220,13 @@ class AsyncClient(_Requests):
             if stash:
                 event = stash.popleft()
             else:
-                if not await self._sock.poll(timeout * 1000):
-                    raise TimeoutError(timeout)
+                ready = dict(await self._poller.poll(timeout * 1000))
+                if self._monitor in ready:
+                    self._check_monitor(await self._monitor.recv_multipart())
+                if self._sock not in ready:
+                    if not ready:
+                        raise TimeoutError(timeout)
+                    continue
                 event = self._route(await self._sock.recv(), rid, sent_at)
                 if event is None:
                     continue
@@ -229,4 +272,7 @@ class AsyncClient(_Requests):
             raise MiradorError(f"the daemon sent nothing for {self.idle_timeout:.0f} s; see `mirador status`") from None
         finally:
             if not finished:
-                await self._sock.send(protocol.request("cancel", self._new_id(), target=rid))
+                try:
+                    await self._sock.send(self._cancel_frame(rid), flags=zmq.NOBLOCK)
+                except zmq.Again:
+                    pass

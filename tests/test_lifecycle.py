@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import stat
 import subprocess
+import time
 
-from mirador.client import daemon_control
+import pytest
+
+from mirador.client import DaemonNotRunning, daemon_control
 from mirador.runtime.ray_boot import ray_temp_dir
 
 from .conftest import BIN
@@ -48,14 +52,31 @@ def test_autostart_then_stop_removes_socket(home):
     assert status.returncode == 1 and "not running" in status.stderr
 
 
-def test_daemon_start_command_and_stale_socket(home):
+def test_daemon_killed_mid_answer_is_reported_and_replaced(home):
     paths = home.paths
-    paths.ensure()
-    paths.socket.write_text("left by a daemon that was killed")  # a stale socket file
     started = home.mirador("daemon", "start")
-    assert started.returncode == 0, started.stderr
-    assert "started" in started.stdout
-    again = home.mirador("daemon", "start")
-    assert "already running" in again.stdout
+    assert started.returncode == 0 and "started" in started.stdout, started.stderr
+    assert "already running" in home.mirador("daemon", "start").stdout
+    pid = daemon_control.running_pid(paths)
+
+    with home.client(idle_timeout=60) as client:
+        events = client.ask("Write a long story about a lighthouse keeper.", max_tokens=1500)
+        while next(events)["event"] != "token":
+            pass
+        os.kill(pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(DaemonNotRunning, match="closed the connection"):
+            for _ in events:
+                pass
+        assert time.monotonic() - t0 < 10  # told at once, not after the idle timeout
+
+    # Its Ray dies with it; the stale socket and pid file do not stop the next daemon.
+    deadline = time.monotonic() + 30
+    while subprocess.run(["pgrep", "-f", str(ray_temp_dir(paths))], capture_output=True).returncode == 0:
+        assert time.monotonic() < deadline, "Ray processes outlived the killed daemon"
+        time.sleep(0.5)
+    assert paths.socket.exists() and daemon_control.running_pid(paths) is None
+    result = home.mirador("ask", "--max-tokens", "4", "Hello?")
+    assert result.returncode == 0 and "starting miradord" in result.stderr, result.stderr
     assert home.mirador("daemon", "stop").returncode == 0
     assert home.mirador("daemon", "stop").stdout.strip() == "miradord is not running"
