@@ -24,6 +24,14 @@ def collect(client, text, **kwargs):
     return list(client.ask(text, **kwargs))
 
 
+def assert_models_become_idle(daemon, within_s: float, why: str) -> None:
+    with daemon.home.client() as client:
+        deadline = time.monotonic() + within_s
+        while any(a["busy"] for a in client.status()["actors"]):
+            assert time.monotonic() < deadline, why
+            time.sleep(0.1)
+
+
 def test_ask_streams_tokens_with_stage_model_confidence(daemon):
     with daemon.home.client(idle_timeout=60) as client:
         events = collect(client, "Tell me about the ocean.", max_tokens=40)
@@ -96,11 +104,7 @@ def test_ctrl_c_in_cli_cancels_on_the_daemon(daemon):
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=30) == 130
     assert "cancelled" in proc.stderr.read()
-    with daemon.home.client() as client:
-        deadline = time.monotonic() + 5
-        while any(a["busy"] for a in client.status()["actors"]):
-            assert time.monotonic() < deadline, "generation went on after Ctrl-C"
-            time.sleep(0.1)
+    assert_models_become_idle(daemon, within_s=5, why="generation went on after Ctrl-C")
 
 
 def test_client_that_vanishes_mid_stream_frees_the_model(daemon):
@@ -111,11 +115,7 @@ def test_client_that_vanishes_mid_stream_frees_the_model(daemon):
     while protocol.decode_event(sock.recv())["event"] != "token":
         pass
     sock.close(linger=0)  # the client dies without a word
-    with daemon.home.client() as client:
-        deadline = time.monotonic() + 10
-        while any(a["busy"] for a in client.status()["actors"]):
-            assert time.monotonic() < deadline, "the daemon kept generating for a client that is gone"
-            time.sleep(0.1)
+    assert_models_become_idle(daemon, within_s=10, why="the daemon kept generating for a client that is gone")
 
 
 def test_status_lists_actors(daemon):
