@@ -76,10 +76,15 @@ class _Requests:
         )
 
     @staticmethod
-    def _ask_fields(text: str, stages: list[str] | None, options: dict[str, Any]) -> dict[str, Any]:
+    def _ask_fields(text: str, stages: list[str] | None, sequential: bool, chain: str | None,
+                    options: dict[str, Any]) -> dict[str, Any]:
         fields: dict[str, Any] = {"text": text}
         if stages:
             fields["stages"] = list(stages)
+        if sequential:
+            fields["sequential"] = True
+        if chain:
+            fields["chain"] = chain
         opts = {k: v for k, v in options.items() if v is not None}
         if opts:
             fields["options"] = opts
@@ -159,6 +164,9 @@ class Client(_Requests):
     def status(self, timeout: float = 10.0) -> dict[str, Any]:
         return self._call("status", timeout)
 
+    def stats(self, timeout: float = 30.0) -> dict[str, Any]:
+        return self._call("stats", timeout)
+
     def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return self._call("cancel", timeout, target=target)
 
@@ -168,9 +176,11 @@ class Client(_Requests):
         stages: list[str] | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        sequential: bool = False,
+        chain: str | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Stream the events of one question; closing the iterator early cancels it."""
-        fields = self._ask_fields(text, stages, {"max_tokens": max_tokens, "temperature": temperature})
+        fields = self._ask_fields(text, stages, sequential, chain, {"max_tokens": max_tokens, "temperature": temperature})
         rid, sent_at = self._send("ask", **fields)
         finished = False
         try:
@@ -251,6 +261,9 @@ class AsyncClient(_Requests):
     async def status(self, timeout: float = 10.0) -> dict[str, Any]:
         return await self._call("status", timeout)
 
+    async def stats(self, timeout: float = 30.0) -> dict[str, Any]:
+        return await self._call("stats", timeout)
+
     async def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return await self._call("cancel", timeout, target=target)
 
@@ -260,8 +273,10 @@ class AsyncClient(_Requests):
         stages: list[str] | None = None,
         max_tokens: int | None = None,
         temperature: float | None = None,
+        sequential: bool = False,
+        chain: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        fields = self._ask_fields(text, stages, {"max_tokens": max_tokens, "temperature": temperature})
+        fields = self._ask_fields(text, stages, sequential, chain, {"max_tokens": max_tokens, "temperature": temperature})
         rid, sent_at = await self._send("ask", **fields)
         finished = False
         try:

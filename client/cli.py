@@ -60,16 +60,20 @@ def main() -> None:
 @main.command()
 @click.argument("text", nargs=-1, required=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the events as NDJSON, one object per line.")
-@click.option("--stages", help="Comma-separated stages to run, e.g. quick.")
+@click.option("--stages", help="Comma-separated stages to run, e.g. quick (default: the router picks).")
+@click.option("--sequential", is_flag=True, help="Run the stages one after another, each seeing the previous answers.")
+@click.option("--chain", help="Run a named chain instead of stages (see `mirador chains`).")
 @click.option("--max-tokens", type=click.IntRange(1, 8192), help="Limit each stage's answer length.")
 @click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature for every stage.")
 @click.option("--no-autostart", is_flag=True, help="Fail instead of starting the daemon when none is running.")
-def ask(text: tuple[str, ...], as_json: bool, stages: str | None, max_tokens: int | None,
-        temperature: float | None, no_autostart: bool) -> None:
+def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bool, chain: str | None,
+        max_tokens: int | None, temperature: float | None, no_autostart: bool) -> None:
     """Ask a question; the answer streams as it is generated. TEXT '-' reads standard input."""
     question = sys.stdin.read() if text == ("-",) else " ".join(text)
     if not question.strip():
         _fail("the question is empty", 2)
+    if chain and (stages or sequential):
+        _fail("--chain runs the chain's own steps; it cannot be combined with --stages or --sequential", 2)
     paths = Paths.from_env()
     if not daemon_control.answers(paths):
         if no_autostart:
@@ -81,7 +85,8 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, max_tokens: in
     renderer = None if as_json else Renderer(sys.stdout, sys.stderr)
     failed = False
     with Client(paths.endpoint) as client:
-        events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature)
+        events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature,
+                            sequential=sequential, chain=chain)
         try:
             for event in events:
                 failed |= event.get("event") == "error"
@@ -129,18 +134,58 @@ def _status_text(status: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 def status(as_json: bool) -> None:
     """Show the daemon: pid, uptime, Ray address, and each actor with its model."""
+    result = _query("status")
+    click.echo(json.dumps(result, indent=2) if as_json else _status_text(result))
+
+
+def _query(method: str) -> dict[str, Any]:
+    """One status-like request to a running daemon, or a clear error."""
     paths = Paths.from_env()
-    pid = daemon_control.running_pid(paths)
     try:
         if not paths.socket.exists():
             raise DaemonNotRunning("")
         with Client(paths.endpoint) as client:
-            result = client.status()
+            return getattr(client, method)()
     except DaemonNotRunning:
-        if pid is not None:
-            _fail(f"miradord (pid {pid}) is starting; try again in a moment")
+        if daemon_control.running_pid(paths) is not None:
+            _fail("miradord is starting; try again in a moment")
         _fail("miradord is not running; start it with `mirador daemon start`")
-    click.echo(json.dumps(result, indent=2) if as_json else _status_text(result))
+    raise AssertionError("unreachable")
+
+
+@main.command()
+def chains() -> None:
+    """List the named chains (run one with `mirador ask --chain NAME`)."""
+    listed = _query("status")["chains"]
+    if not listed:
+        click.echo("no chains configured (add [chains.NAME] to mirador.toml)")
+    for chain in listed:
+        click.echo(f"{chain['name']}: {chain['description']}\n  steps: {' → '.join(chain['steps'])}")
+
+
+def _stats_table(rows: list[dict[str, Any]], title: str) -> list[str]:
+    def num(value: Any, fmt: str) -> str:
+        return format(value, fmt) if value is not None else "-"
+
+    lines = [f"{title:<16} {'runs':>5} {'first p50':>10} {'first p95':>10} {'tok/s p50':>10} {'tok/s p95':>10} {'tokens':>7}"]
+    for r in rows:
+        lines.append(f"{str(r['name']):<16} {r['runs']:>5} {num(r['first_token_p50_s'], '9.3f')}s {num(r['first_token_p95_s'], '9.3f')}s "
+                     f"{num(r['tokens_per_s_p50'], '10.1f')} {num(r['tokens_per_s_p95'], '10.1f')} {r['tokens_mean']:>7}")
+    return lines
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the statistics as JSON.")
+def stats(as_json: bool) -> None:
+    """Per stage and per model: first-token time and tokens/s (p50/p95) over recorded questions."""
+    result = _query("stats")
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    routes = ", ".join(f"{k} {v}" for k, v in sorted(result["routes"].items())) or "none"
+    lines = [f"{result['queries']} questions ({routes}); {result['errors']} stage errors", ""]
+    lines += _stats_table(result["stages"], "stage") + [""] + _stats_table(result["models"], "model")
+    click.echo("\n".join(lines))
 
 
 @main.group()

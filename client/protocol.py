@@ -16,10 +16,14 @@ Requests (client -> daemon)
     - ``type`` and its fields:
 
       ``ask``     ``text`` (non-empty string, required); ``stages`` (list of stage names,
-                  optional: default all configured stages); ``options`` (map, optional:
-                  ``max_tokens`` int 1..8192, ``temperature`` number 0..2).
+                  optional: default, the stages the router picks for the question);
+                  ``sequential`` (bool, optional: run the stages one after another, each
+                  receiving the previous answers); ``chain`` (a configured chain's name,
+                  optional: run its steps instead of stages); ``options`` (map, optional:
+                  ``max_tokens`` int 1..8192, ``temperature`` number 0..2, for every stage).
       ``cancel``  ``target``: the ``id`` of an ``ask`` sent on the same connection.
       ``status``  no fields.
+      ``stats``   no fields.
       ``ping``    no fields.
 
     Unknown extra keys are ignored, so newer clients can add optional fields.
@@ -30,17 +34,22 @@ Replies (daemon -> client)
     A request's replies end with exactly one whose ``final`` is true; nothing with that ``id``
     follows it. In order:
 
-    ``ask``    ``start`` {query_id, route, stages: [names]}; then, per stage,
-               ``stage_start`` {stage, model}, ``token`` {stage, model, text, confidence in
-               [0, 1], logprob or null}..., ``stage_end`` {stage, model, tokens,
-               first_token_s, duration_s, tokens_per_s, cancelled};
-               then ``done`` {query_id, cancelled, metrics} (final).
-               A stage that fails sends ``error`` {code, message, stage} (not final) instead of
-               finishing its tokens; the ask still ends with ``done``.
+    ``ask``    ``start`` {query_id, route (simple | medium | complex | requested | chain),
+               reason, mode (progressive | sequential | chain), stages: [names]}; then, per
+               stage, ``stage_start`` {stage, model}, ``token`` {stage, model, text, confidence
+               in [0, 1], logprob or null}..., ``stage_end`` {stage, model, tokens,
+               first_token_s, duration_s, tokens_per_s, cancelled}; then ``done`` {query_id,
+               cancelled, metrics} (final). In progressive mode stages overlap, so their events
+               interleave (each stage's own events stay in order).
+               A stage whose model fails sends ``error`` {code, message, stage, model} (not
+               final); its next model (a fallback) is tried, else the stage is skipped and the
+               ask still ends with ``done``.
     ``cancel`` ``ack`` {target, found} (final). The cancelled ask then ends with ``done``
                whose ``cancelled`` is true.
     ``status`` ``status`` {pid, version, uptime_s, ready, ray_address, actors: [{name, stage,
-               model, backend, loaded, node_id, pid}]} (final).
+               model, fallbacks, backend, loaded, busy, node_id, pid}], routes, chains} (final).
+    ``stats``  ``stats`` {queries, routes, errors, stages: [...], models: [...]} (final): per
+               stage and per model, runs and p50/p95 of first-token time and tokens/s.
     ``ping``   ``pong`` {pid, version, ready} (final). ``ready`` turns true once the stage
                actors are up; an ``ask`` sent before that waits for them.
 
@@ -50,10 +59,10 @@ Replies (daemon -> client)
 
     ``bad_frame`` (not one msgpack map), ``bad_version``, ``bad_request`` (a field missing or
     of the wrong type), ``too_large`` (a frame over MAX_FRAME_BYTES), ``unknown_type``,
-    ``unknown_stage``, ``duplicate_id``, ``shutting_down``, ``internal``. Stage errors (not
-    final) use ``model_error`` (the model failed), ``unknown_model`` (the backend lacks it),
-    ``backend_unavailable`` (e.g. Ollama is not running) and ``stage_unavailable`` (its actor
-    died).
+    ``unknown_stage``, ``unknown_chain``, ``duplicate_id``, ``shutting_down``, ``internal``.
+    Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
+    backend lacks it), ``backend_unavailable`` (e.g. Ollama is not running), ``timeout`` and
+    ``stage_unavailable`` (its actor died).
 
 Flow control
     The daemon never drops a reply: its ROUTER socket uses ROUTER_MANDATORY, and when a client's
@@ -70,8 +79,7 @@ import msgpack
 VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 MAX_ID_CHARS = 64
-REQUEST_TYPES = ("ask", "cancel", "status", "ping")
-EVENTS = ("start", "stage_start", "token", "stage_end", "error", "done", "ack", "status", "pong")
+REQUEST_TYPES = ("ask", "cancel", "status", "stats", "ping")
 
 
 class ProtocolError(Exception):
@@ -149,6 +157,13 @@ def _check_ask(obj: dict[str, Any], rid: str) -> None:
     stages = obj.get("stages")
     if stages is not None and (not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages)):
         raise bad("'stages' must be a non-empty list of stage names")
+    if not isinstance(obj.get("sequential", False), bool):
+        raise bad("'sequential' must be true or false")
+    chain = obj.get("chain")
+    if chain is not None and (not isinstance(chain, str) or not chain):
+        raise bad("'chain' must be a chain name")
+    if chain is not None and (stages or obj.get("sequential")):
+        raise bad("'chain' runs its own steps: it cannot be combined with 'stages' or 'sequential'")
     options = obj.get("options") or {}
     if not isinstance(options, dict):
         raise bad("'options' must be a map")

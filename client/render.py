@@ -1,5 +1,7 @@
-"""Showing an answer on a terminal: a spinner until the first token, a header per stage, and
-text styled by the model's confidence (below 0.7 dim, below 0.9 plain, else bold)."""
+"""Showing an answer on a terminal: a spinner until the first token, a section per stage in
+stage order, and text styled by the model's confidence (below 0.7 dim, below 0.9 plain, else
+bold). Stages run concurrently, so a later stage's events that arrive early are held until its
+section comes up, then shown at once."""
 
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ class Renderer:
         self._at_line_start = True
         self.errors = 0
         self.stats: list[str] = []
+        self._order: list[str] = []  # stage sections, in the order the start event lists them
+        self._held: dict[str, list[dict[str, Any]]] = {}
 
     def _write(self, text: str) -> None:
         if text:
@@ -82,6 +86,31 @@ class Renderer:
             self._spinner = None
 
     def handle(self, event: dict[str, Any]) -> None:
+        stage = event.get("stage")
+        if event.get("event") == "start":
+            self._order = list(event.get("stages") or [])
+        elif event.get("event") == "done":
+            for name in self._order:  # stages that never ended (cancelled): show what they said
+                self._show_all(self._held.pop(name, []))
+            self._order = []
+        if stage in self._order and stage != self._order[0]:
+            self._held.setdefault(stage, []).append(event)
+            return
+        self._show(event)
+        if stage is not None and event.get("event") == "stage_end" and self._order and stage == self._order[0]:
+            self._order.pop(0)  # the next section comes up, with what it said meanwhile
+            while self._order:
+                held = self._held.pop(self._order[0], [])
+                self._show_all(held)
+                if not any(e.get("event") == "stage_end" for e in held):
+                    break
+                self._order.pop(0)
+
+    def _show_all(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            self._show(event)
+
+    def _show(self, event: dict[str, Any]) -> None:
         kind = event.get("event")
         if kind == "token":
             self.stop_spinner()

@@ -36,14 +36,37 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class StageConfig:
-    """One stage: which model answers, with what prompt and limits."""
+    """One stage: which models answer (primary first), with what prompt and limits."""
 
     name: str
-    model: str
+    models: tuple[str, ...]
     system_prompt: str
     max_tokens: int
     temperature: float
     confidence_prior: float
+    timeout_s: float = 120.0
+    after_first_token_of: str | None = None  # start when that stage's first token is out
+    needs: tuple[str, ...] = ()  # finished answers this stage receives, when in the plan
+
+    @property
+    def model(self) -> str:
+        return self.models[0]
+
+
+@dataclass(frozen=True)
+class ChainStep:
+    """One step of a named chain: a model and its instruction."""
+
+    name: str
+    model: str
+    prompt: str
+
+
+@dataclass(frozen=True)
+class ChainConfig:
+    name: str
+    description: str
+    steps: tuple[ChainStep, ...]
 
 
 @dataclass(frozen=True)
@@ -53,8 +76,10 @@ class Config:
     log_level: str
     ray_address: str
     ray_num_cpus: int
-    stages: dict[str, StageConfig]  # in answering order
+    stages: dict[str, StageConfig]  # in display order
     models: dict[str, ModelSpec]
+    routes: dict[str, tuple[str, ...]]  # question class -> stages
+    chains: dict[str, ChainConfig]
     raw: dict[str, Any]
 
 
@@ -117,28 +142,25 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"models.{name}.source is missing")
         models[name] = ModelSpec(name, backend, source, spec)
 
-    stages_raw = raw.get("stages", {})
-    order = stages_raw.get("order") or [k for k, v in stages_raw.items() if isinstance(v, dict)]
-    stages = {}
-    for name in order:
-        s = stages_raw.get(name)
-        if not isinstance(s, dict):
-            raise ConfigError(f"stages.order names {name!r} but there is no [stages.{name}] table")
-        if s.get("model") not in models:
-            raise ConfigError(f"stages.{name}.model {s.get('model')!r} is not a model in models.toml ({', '.join(models)})")
+    stages = _stages(raw.get("stages", {}), models)
+    routes = {}
+    for name, listed in raw.get("routing", {}).items():
+        unknown = [st for st in listed if st not in stages]
+        if unknown:
+            raise ConfigError(f"routing.{name} names unknown stages {unknown}; configured: {list(stages)}")
+        routes[name] = tuple(listed)
+    chains = {}
+    for name, chain in raw.get("chains", {}).items():
         try:
-            stages[name] = StageConfig(
-                name=name,
-                model=s["model"],
-                system_prompt=str(s.get("system_prompt", "")),
-                max_tokens=int(s.get("max_tokens", 256)),
-                temperature=float(s.get("temperature", 0.7)),
-                confidence_prior=float(s.get("confidence_prior", 0.6)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"stages.{name}: {exc}") from None
-    if not stages:
-        raise ConfigError("no stages configured")
+            steps = tuple(ChainStep(str(st["name"]), str(st["model"]), str(st["prompt"])) for st in chain["steps"])
+        except (KeyError, TypeError) as exc:
+            raise ConfigError(f"chains.{name}: each step needs name, model and prompt ({exc})") from None
+        for step in steps:
+            if step.model not in models:
+                raise ConfigError(f"chains.{name} step {step.name!r}: model {step.model!r} is not in models.toml")
+        if not steps:
+            raise ConfigError(f"chains.{name} has no steps")
+        chains[name] = ChainConfig(name, str(chain.get("description", "")), steps)
 
     ray = raw.get("ray", {})
     return Config(
@@ -147,5 +169,41 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
         ray_num_cpus=int(ray.get("num_cpus", 0)),
         stages=stages,
         models=models,
+        routes=routes,
+        chains=chains,
         raw=raw,
     )
+
+
+def _stages(stages_raw: dict[str, Any], models: dict[str, ModelSpec]) -> dict[str, StageConfig]:
+    order = stages_raw.get("order") or [k for k, v in stages_raw.items() if isinstance(v, dict)]
+    stages: dict[str, StageConfig] = {}
+    for name in order:
+        s = stages_raw.get(name)
+        if not isinstance(s, dict):
+            raise ConfigError(f"stages.order names {name!r} but there is no [stages.{name}] table")
+        listed = s.get("models") or []
+        missing = [m for m in listed if m not in models]
+        if not listed or missing:
+            raise ConfigError(f"stages.{name}.models {missing or listed!r}: not models in models.toml ({', '.join(models)})")
+        try:
+            stages[name] = StageConfig(
+                name=name,
+                models=tuple(listed),
+                system_prompt=str(s.get("system_prompt", "")),
+                max_tokens=int(s.get("max_tokens", 256)),
+                temperature=float(s.get("temperature", 0.7)),
+                confidence_prior=float(s.get("confidence_prior", 0.6)),
+                timeout_s=float(s.get("timeout_s", 120)),
+                after_first_token_of=s.get("after_first_token_of") or None,
+                needs=tuple(s.get("needs", ())),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"stages.{name}: {exc}") from None
+    for stage in stages.values():
+        for other in (*stage.needs, *filter(None, [stage.after_first_token_of])):
+            if other not in stages or list(stages).index(other) >= list(stages).index(stage.name):
+                raise ConfigError(f"stages.{stage.name} depends on {other!r}, which must be a stage listed before it")
+    if not stages:
+        raise ConfigError("no stages configured")
+    return stages

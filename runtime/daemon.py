@@ -48,12 +48,12 @@ class Daemon:
         return {"pid": os.getpid(), "version": version(), "ready": self.ready}
 
     async def status(self) -> dict[str, Any]:
-        async def one(stage: str, actor: Any) -> dict[str, Any]:
+        async def one(key: str, actor: Any) -> dict[str, Any]:
+            name = key if key.startswith("model:") else f"stage:{key}"
             try:
-                return {"name": f"stage:{stage}", **await asyncio.wait_for(actor.info.remote(), 5)}
+                return {"name": name, **await asyncio.wait_for(actor.info.remote(), 5)}
             except Exception as exc:  # a dead or stuck actor is reported, not fatal
-                return {"name": f"stage:{stage}", "stage": stage, "model": self.config.stages[stage].model,
-                        "loaded": False, "error": f"not responding ({type(exc).__name__})"}
+                return {"name": name, "stage": key, "loaded": False, "error": f"not responding ({type(exc).__name__})"}
 
         actors = await asyncio.gather(*(one(s, a) for s, a in self.actors.items()))
         return {
@@ -64,7 +64,13 @@ class Daemon:
             "socket": str(self.paths.socket),
             "log": str(self.paths.logfile),
             "actors": list(actors),
+            "routes": {kind: list(stages) for kind, stages in self.config.routes.items()},
+            "chains": [{"name": c.name, "description": c.description, "steps": [f"{st.name} ({st.model})" for st in c.steps]}
+                       for c in self.config.chains.values()],
         }
+
+    async def stats(self) -> dict[str, Any]:
+        return await self.metrics.summary()
 
     def new_ask(self, request: dict[str, Any]) -> Any:
         return self.orchestrator.new_ask(request)
@@ -75,12 +81,16 @@ class Daemon:
     def cancel_ask(self, ask: Any) -> None:
         self.orchestrator.cancel(ask)
 
+    def _record(self, ask: Any, metrics: dict[str, Any]) -> None:
+        self.metrics.record(ask.query_id, ask.route.kind, ask.mode, metrics)
+
     # -- life cycle -----------------------------------------------------------------------
     async def run(self) -> None:
         import ray
 
         from mirador.actors.stage import StageActor
 
+        from .metrics import MetricsStore
         from .orchestrator import Orchestrator
         from .ray_boot import start_ray
         from .server import Server
@@ -95,19 +105,27 @@ class Daemon:
             loop.add_signal_handler(sig, stop.set)
 
         server = None
+        self.metrics = MetricsStore(self.paths.data / "metrics.sqlite3")
         try:
+            def manifest(models: tuple[str, ...]) -> list[dict[str, Any]]:
+                return [dataclasses.asdict(self.config.models[m]) for m in models]
+
             for name, stage in self.config.stages.items():
-                spec = self.config.models[stage.model]
-                self.actors[name] = StageActor.remote(
-                    name, spec.name, spec.backend, spec.source, spec.options, stage.confidence_prior
-                )
-            for name, loaded in zip(self.actors, await asyncio.gather(*(a.load.remote() for a in self.actors.values()))):
+                self.actors[name] = StageActor.remote(name, manifest(stage.models), stage.confidence_prior)
+            stage_actors = dict(self.actors)
+            self.orchestrator = Orchestrator(self.config, self.actors, self._record)
+            for chain in self.config.chains.values():  # chain models no stage serves get an actor, loaded on use
+                for step in chain.steps:
+                    key = self.orchestrator.actor_for_model(step.model)
+                    if key not in self.actors:
+                        self.actors[key] = StageActor.remote(key, manifest((step.model,)), 0.6)
+            loads = await asyncio.gather(*(a.load.remote() for a in stage_actors.values()))
+            for name, loaded in zip(stage_actors, loads):
                 info = await self.actors[name].info.remote()
                 if loaded:
                     log.info("stage %s: %s loaded", name, info["model"])
                 else:
                     log.error("stage %s: %s is not loaded: %s", name, info["model"], info["error"])
-            self.orchestrator = Orchestrator(self.config, self.actors)
             server = Server(self.paths.endpoint, self)
             server.bind()
             self.ready = True
@@ -123,6 +141,7 @@ class Daemon:
                 ray.kill(actor)
             if self.ray_started:
                 ray.shutdown()
+            self.metrics.close()
             log.info("stopped")
 
 

@@ -1,25 +1,57 @@
-"""Answering one question: pick the stages, stream each stage actor's tokens out as events.
+"""Answering one question: route it, plan its stages, stream every stage's tokens out as events.
 
-The hot path is here: a token goes from the actor's Ray stream to the client's socket with one
-dict built and one msgpack encode in between. Stages run in the configured order.
+Three ways to run the stages of a question:
+  progressive (default)  stages run concurrently as their inputs allow: a stage with
+                         ``after_first_token_of`` starts once that stage has produced its first
+                         token; a stage with ``needs`` starts when those stages have finished and
+                         receives their answers (the Mixture-of-Agents aggregator pattern).
+  sequential             one stage after another, each receiving all previous answers.
+  chain                  a named chain's steps, one after another, the same way.
+
+A stage that fails, times out or has no model left is skipped with an ``error`` event naming it;
+the others go on and the question still ends with ``done``. The hot path per token is one dict
+and one msgpack encode between the actor's Ray stream and the client's socket.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import ray
 
 from mirador.client.protocol import ProtocolError
 
-from .config import Config, StageConfig
+from .config import Config
+from .router import Route, classify
 from .server import Emit
 
 log = logging.getLogger("mirador.orchestrator")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One thing to generate: a stage of the plan, or a step of a chain."""
+
+    name: str
+    actor_key: str  # which actor runs it
+    models: tuple[str, ...]
+    system_prompt: str
+    max_tokens: int
+    temperature: float
+    timeout_s: float
+    after_first_token_of: str | None = None
+    needs: tuple[str, ...] = ()
+
+
+@dataclass
+class StepResult:
+    text: str
+    stats: dict[str, Any]
 
 
 @dataclass
@@ -28,91 +60,169 @@ class Ask:
 
     request_id: str
     text: str
-    stages: list[str]
-    route: str
-    options: dict[str, Any]
+    steps: list[Step]
+    route: Route
+    mode: str  # progressive | sequential | chain
     query_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     cancelled: bool = False
-    running: dict[str, Any] = field(default_factory=dict)  # stage -> actor generating for it
+    running: dict[str, Any] = field(default_factory=dict)  # step -> actor generating for it
+    errors: list[dict[str, str]] = field(default_factory=list)  # {stage, model, code} for metrics
+
+
+def build_messages(system_prompt: str, question: str, previous: dict[str, str]) -> list[dict[str, str]]:
+    """The system prompt goes first and never changes, so llama.cpp reuses its KV cache for it."""
+    messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    if not previous:
+        return messages + [{"role": "user", "content": question}]
+    context = "".join(f"## {name} answer\n{text.strip()}\n\n" for name, text in previous.items())
+    return messages + [{"role": "user", "content": f"## Question\n{question}\n\n{context}Now write your answer to the question."}]
 
 
 class Orchestrator:
-    def __init__(self, config: Config, actors: dict[str, Any]):
+    def __init__(self, config: Config, actors: dict[str, Any], on_done: Callable[[Ask, dict[str, Any]], None] | None = None):
         self.config = config
-        self.actors = actors  # stage name -> StageActor handle
+        self.actors = actors  # actor key (stage name, or "model:NAME" for chain-only models) -> handle
+        self.on_done = on_done
 
+    # -- planning ------------------------------------------------------------------------
     def new_ask(self, request: dict[str, Any]) -> Ask:
-        requested = request.get("stages")
+        rid, text = request["id"], request["text"]
+        options = request.get("options") or {}
+        chain, requested = request.get("chain"), request.get("stages")
+        if chain:
+            if chain not in self.config.chains:
+                raise ProtocolError("unknown_chain", f"unknown chain {chain!r}; configured chains: {', '.join(self.config.chains) or 'none'}", rid)
+            steps = [self._chain_step(step, options) for step in self.config.chains[chain].steps]
+            return Ask(rid, text, steps, Route("chain", 0, f"chain {chain}"), "chain")
         if requested:
             unknown = [s for s in requested if s not in self.config.stages]
             if unknown:
                 raise ProtocolError(
                     "unknown_stage",
                     f"unknown stage {', '.join(map(repr, unknown))}; configured stages: {', '.join(self.config.stages)}",
-                    request["id"],
+                    rid,
                 )
-            # Keep the configured order whatever order they were named in.
-            stages, route = [s for s in self.config.stages if s in requested], "requested"
+            names = [s for s in self.config.stages if s in requested]  # configured order
+            route = Route("requested", 0, "requested: " + ", ".join(names))
         else:
-            stages, route = list(self.config.stages), "default"
-        return Ask(request["id"], request["text"], stages, route, dict(request.get("options") or {}))
+            route = classify(text)
+            names = list(self.config.routes.get(route.kind, self.config.stages))
+        steps = [self._stage_step(name, options) for name in names]
+        return Ask(rid, text, steps, route, "sequential" if request.get("sequential") else "progressive")
+
+    def _stage_step(self, name: str, options: dict[str, Any]) -> Step:
+        stage = self.config.stages[name]
+        return Step(name, name, stage.models, stage.system_prompt, options.get("max_tokens", stage.max_tokens),
+                    options.get("temperature", stage.temperature), stage.timeout_s, stage.after_first_token_of, stage.needs)
+
+    def _chain_step(self, step: Any, options: dict[str, Any]) -> Step:
+        return Step(step.name, self.actor_for_model(step.model), (step.model,), step.prompt,
+                    options.get("max_tokens", 256), options.get("temperature", 0.5), 300.0)
+
+    def actor_for_model(self, model: str) -> str:
+        """The key of an actor that can run ``model``: a stage's, else one of its own."""
+        for name, stage in self.config.stages.items():
+            if model in stage.models:
+                return name
+        return f"model:{model}"
 
     def cancel(self, ask: Ask) -> None:
         ask.cancelled = True
         for actor in ask.running.values():
             actor.cancel.remote(ask.query_id)
 
-    def _messages(self, stage: StageConfig, ask: Ask) -> list[dict[str, str]]:
-        # The system prompt goes first and never changes, so llama.cpp reuses its KV cache.
-        messages = [{"role": "system", "content": stage.system_prompt}] if stage.system_prompt else []
-        return messages + [{"role": "user", "content": ask.text}]
-
+    # -- running -------------------------------------------------------------------------
     async def run(self, ask: Ask, emit: Emit) -> None:
         started = time.perf_counter()
-        await emit("start", query_id=ask.query_id, route=ask.route, stages=ask.stages)
-        metrics: dict[str, Any] = {}
-        for name in ask.stages:
-            if ask.cancelled:
-                break
-            metrics[name] = await self._run_stage(self.config.stages[name], ask, emit)
-        await emit(
-            "done",
-            final=True,
-            query_id=ask.query_id,
-            cancelled=ask.cancelled,
-            metrics={"duration_s": round(time.perf_counter() - started, 6), "stages": metrics},
-        )
+        await emit("start", query_id=ask.query_id, route=ask.route.kind, reason=ask.route.reason,
+                   mode=ask.mode, stages=[s.name for s in ask.steps])
+        if ask.mode == "progressive":
+            results = await self._run_progressive(ask, emit)
+        else:
+            results = {}
+            for step in ask.steps:
+                if ask.cancelled:
+                    break
+                results[step.name] = await self._run_step(step, ask, emit, dict((k, r.text) for k, r in results.items()))
+        metrics = {"duration_s": round(time.perf_counter() - started, 6),
+                   "stages": {name: r.stats for name, r in results.items()}, "errors": ask.errors}
+        await emit("done", final=True, query_id=ask.query_id, cancelled=ask.cancelled, metrics=metrics)
+        if self.on_done:
+            self.on_done(ask, metrics)
 
-    async def _run_stage(self, stage: StageConfig, ask: Ask, emit: Emit) -> dict[str, Any]:
-        actor, model = self.actors[stage.name], stage.model
-        await emit("stage_start", stage=stage.name, model=model)
-        max_tokens = ask.options.get("max_tokens", stage.max_tokens)
-        temperature = ask.options.get("temperature", stage.temperature)
-        end: dict[str, Any] | None = None
-        ask.running[stage.name] = actor
+    async def _run_progressive(self, ask: Ask, emit: Emit) -> dict[str, StepResult]:
+        in_plan = {s.name for s in ask.steps}
+        first_token = {s.name: asyncio.Event() for s in ask.steps}
+        finished: dict[str, asyncio.Future[StepResult]] = {s.name: asyncio.get_running_loop().create_future() for s in ask.steps}
+
+        async def run_one(step: Step) -> None:
+            try:
+                if step.after_first_token_of in in_plan:
+                    await first_token[step.after_first_token_of].wait()
+                answers = {n: (await finished[n]).text for n in step.needs if n in in_plan}
+                needed = {n: text for n, text in answers.items() if text.strip()}  # failed stages give nothing
+                if ask.cancelled:
+                    return
+                result = await self._run_step(step, ask, emit, needed, on_first_token=first_token[step.name].set)
+                finished[step.name].set_result(result)
+            finally:
+                first_token[step.name].set()  # a stage that failed early must not hold others back
+                if not finished[step.name].done():
+                    finished[step.name].set_result(StepResult("", {"skipped": True}))
+
+        tasks = [asyncio.ensure_future(run_one(step)) for step in ask.steps]
         try:
-            stream = actor.generate.options(num_returns="streaming").remote(
-                ask.query_id, self._messages(stage, ask), max_tokens, temperature
-            )
-            async for ref in stream:
-                item = await ref
-                if "text" in item:
-                    await emit("token", stage=stage.name, model=model, text=item["text"],
-                               confidence=item["confidence"], logprob=item["logprob"])
-                elif "error" in item:
-                    log.warning("stage %s (%s) failed: %s", stage.name, model, item["message"])
-                    await emit("error", stage=stage.name, code=item["error"], message=item["message"])
-                else:
-                    end = item
+            await asyncio.gather(*tasks)
+        finally:  # a vanished client or a shutdown stops every stage of the question
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        return {name: fut.result() for name, fut in finished.items() if fut.done() and not fut.result().stats.get("skipped")}
+
+    async def _run_step(self, step: Step, ask: Ask, emit: Emit, previous: dict[str, str],
+                        on_first_token: Callable[[], None] | None = None) -> StepResult:
+        actor = self.actors[step.actor_key]
+        model = step.models[0]
+
+        async def error(code: str, message: str, failed_model: str) -> None:
+            ask.errors.append({"stage": step.name, "model": failed_model, "code": code})
+            await emit("error", stage=step.name, model=failed_model, code=code, message=message)
+
+        await emit("stage_start", stage=step.name, model=model)
+        pieces: list[str] = []
+        end: dict[str, Any] | None = None
+        ask.running[step.name] = actor
+        try:
+            async with asyncio.timeout(step.timeout_s):
+                stream = actor.generate.options(num_returns="streaming").remote(
+                    ask.query_id, build_messages(step.system_prompt, ask.text, previous),
+                    step.max_tokens, step.temperature, list(step.models),
+                )
+                async for ref in stream:
+                    item = await ref
+                    if "text" in item:
+                        if not pieces and on_first_token:
+                            on_first_token()
+                        pieces.append(item["text"])
+                        await emit("token", stage=step.name, model=model, text=item["text"],
+                                   confidence=item["confidence"], logprob=item["logprob"])
+                    elif "model" in item and len(item) == 1:
+                        model = item["model"]
+                    elif "error" in item:
+                        log.warning("stage %s (%s) failed: %s", step.name, item["model"], item["message"])
+                        await error(item["error"], item["message"], item["model"])
+                    else:
+                        end = item
+        except TimeoutError:
+            await error("timeout", f"the {step.name} stage took longer than {step.timeout_s:g} s and was stopped", model)
         except ray.exceptions.RayError as exc:
-            log.error("stage %s actor failed: %s", stage.name, exc)
-            await emit("error", stage=stage.name, code="stage_unavailable",
-                       message=f"the {stage.name} stage's actor is not available: {type(exc).__name__}")
+            log.error("stage %s actor failed: %s", step.name, exc)
+            await error("stage_unavailable", f"the {step.name} stage's actor is not available: {type(exc).__name__}", model)
         finally:
-            ask.running.pop(stage.name, None)
-            if end is None:  # the client went away or we failed: stop the model
+            ask.running.pop(step.name, None)
+            if end is None:  # timed out, the client went away, or we failed: stop the model
                 actor.cancel.remote(ask.query_id)
-        stats = {k: v for k, v in (end or {}).items() if k != "end"}
+        stats = {k: v for k, v in (end or {"tokens": len(pieces)}).items() if k not in ("end", "model")}
         stats.setdefault("cancelled", ask.cancelled)
-        await emit("stage_end", stage=stage.name, model=model, **stats)
-        return {"model": model, **stats}
+        await emit("stage_end", stage=step.name, model=model, **stats)
+        return StepResult("".join(pieces), {"model": model, **stats})

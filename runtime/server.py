@@ -37,6 +37,7 @@ class App(Protocol):
 
     def pong(self) -> dict[str, Any]: ...
     async def status(self) -> dict[str, Any]: ...
+    async def stats(self) -> dict[str, Any]: ...
     def new_ask(self, request: dict[str, Any]) -> Any: ...  # raises ProtocolError
     async def run_ask(self, ask: Any, emit: Emit) -> None: ...
     def cancel_ask(self, ask: Any) -> None: ...
@@ -151,8 +152,8 @@ class Server:
         rid, type_ = request["id"], request["type"]
         if type_ == "ping":
             self._reply_soon(ident, outbox, protocol.reply(rid, "pong", final=True, **self.app.pong()))
-        elif type_ == "status":
-            self._spawn(self._status(ident, outbox, rid))
+        elif type_ in ("status", "stats"):
+            self._spawn(self._report(ident, outbox, rid, type_))
         elif type_ == "cancel":
             entry = self._asks.get((ident, request["target"]))
             if entry:
@@ -181,12 +182,13 @@ class Server:
 
         self._spawn(send())
 
-    async def _status(self, ident: bytes, outbox: Outbox, rid: str) -> None:
+    async def _report(self, ident: bytes, outbox: Outbox, rid: str, kind: str) -> None:
+        """Answer ``status`` or ``stats``: one reply of the same name."""
         try:
-            payload = protocol.reply(rid, "status", final=True, **await self.app.status())
+            payload = protocol.reply(rid, kind, final=True, **await getattr(self.app, kind)())
         except Exception as exc:
-            log.exception("status failed")
-            payload = protocol.error_reply(ProtocolError("internal", f"status failed: {exc}", rid))
+            log.exception("%s failed", kind)
+            payload = protocol.error_reply(ProtocolError("internal", f"{kind} failed: {exc}", rid))
         self._reply_soon(ident, outbox, payload)
 
     async def _ask(self, ident: bytes, outbox: Outbox, rid: str, ask: Any) -> None:
