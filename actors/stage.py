@@ -48,12 +48,21 @@ class StageActor:
         self._generating = False
         self.load_error: str | None = None
 
-    async def load(self) -> bool:
-        """Load the primary model now (idempotent). Returns whether it is loaded; the error is kept for ``info``."""
+    async def load(self, system_prompt: str = "") -> bool:
+        """Load the primary model now (idempotent). Returns whether it is loaded; the error is kept for ``info``.
+
+        With ``system_prompt``, also run it through the model once, so that the first question
+        finds it in llama.cpp's prompt cache and only its own words need evaluating.
+        """
         backend = self.backends[self.primary]
         async with self._turn:
             try:
                 await backend.load()
+                if system_prompt and backend.kind == "llamacpp":
+                    warmup = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hello"}]
+                    async with contextlib.aclosing(backend.stream(warmup, GenerationOptions(1, 0.0))) as stream:
+                        async for _ in stream:
+                            pass
                 self.load_error = None
             except ModelError as exc:
                 self.load_error = str(exc)

@@ -119,7 +119,8 @@ class Daemon:
                     key = self.orchestrator.actor_for_model(step.model)
                     if key not in self.actors:
                         self.actors[key] = StageActor.remote(key, manifest((step.model,)), 0.6)
-            loads = await asyncio.gather(*(a.load.remote() for a in stage_actors.values()))
+            loads = await asyncio.gather(*(actor.load.remote(self.config.stages[name].system_prompt)
+                                           for name, actor in stage_actors.items()))
             for name, loaded in zip(stage_actors, loads):
                 info = await self.actors[name].info.remote()
                 if loaded:

@@ -105,6 +105,7 @@ class MetricsStore:
                 "stages": group(0), "models": group(1)}
 
     def close(self) -> None:
-        self._thread.shutdown(wait=True)
+        """Finish the queued writes, then close (on the thread that owns the connection)."""
         if self._conn is not None:
-            self._conn.close()
+            self._thread.submit(self._conn.close).result()
+        self._thread.shutdown(wait=True)

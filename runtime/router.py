@@ -20,7 +20,7 @@ from dataclasses import dataclass
 DEPTH = re.compile(
     r"\b(why|how (?:does|do|can|would|should)|compare|comparison|versus|vs\.?|trade-?offs?|pros and cons|"
     r"implications?|evaluate|assess|analy[sz]e|analysis|design|strategy|plan|recommend|should i|"
-    r"advantages|disadvantages|risks?|explain in detail|step by step)\b",
+    r"advantages|disadvantages|risks?|explain|step by step)\b",
     re.IGNORECASE,
 )
 DOMAIN = re.compile(

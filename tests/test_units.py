@@ -50,7 +50,9 @@ def test_paths_follow_xdg_or_mirador_home(tmp_path):
 def test_config_defaults_user_file_and_env(tmp_path):
     paths = Paths.from_env({"MIRADOR_HOME": str(tmp_path)})
     config = load_config(paths, env={})
-    assert list(config.stages) == ["quick"] and config.stages["quick"].model == "smollm2-135m"
+    assert list(config.stages) == ["quick", "deep", "synthesis"] and config.stages["quick"].model == "smollm2-135m"
+    assert config.stages["deep"].after_first_token_of == "quick" and config.stages["synthesis"].needs == ("quick", "deep")
+    assert config.routes["complex"] == ("quick", "deep", "synthesis") and "draft-critique-revise" in config.chains
     assert config.models["smollm2-135m"].backend == "llamacpp" and config.ray_address == ""
     paths.config.mkdir(parents=True)
     (paths.config / "mirador.toml").write_text('[stages.quick]\ntemperature = 0.9\n[ray]\naddress = "auto"\n')
@@ -62,8 +64,10 @@ def test_config_defaults_user_file_and_env(tmp_path):
 
 def test_config_errors_say_where(tmp_path):
     paths = Paths.from_env({"MIRADOR_HOME": str(tmp_path)})
-    with pytest.raises(ConfigError, match=r"stages.quick.model 'nope' is not a model"):
-        load_config(paths, env={"MIRADOR_STAGES__QUICK__MODEL": "nope"})
+    with pytest.raises(ConfigError, match=r"stages.quick.models \['nope'\]: not models"):
+        load_config(paths, env={"MIRADOR_STAGES__QUICK__MODELS": '["nope"]'})
+    with pytest.raises(ConfigError, match=r"stages.quick depends on 'deep'"):
+        load_config(paths, env={"MIRADOR_STAGES__QUICK__NEEDS": '["deep"]'})
     paths.config.mkdir(parents=True)
     (paths.config / "models.toml").write_text("[models.x\n")
     with pytest.raises(ConfigError, match="models.toml"):

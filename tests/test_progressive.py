@@ -1,0 +1,171 @@
+"""Progressive stages on a real daemon: plan, routing, fallbacks, timeouts, sequential mode, chains, metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from mirador.runtime.router import classify
+
+from .conftest import make_home, start_daemon, stop_daemon
+
+COMPLEX = ("Compare PostgreSQL and MongoDB for a distributed architecture: what are the trade-offs "
+           "in latency and scalability, and which should a small team pick?")
+
+MODELS = """
+[models.ghost]
+backend = "llamacpp"
+source = "/nonexistent/ghost.gguf"
+"""
+STAGES = """
+[stages]
+order = ["quick", "deep", "synthesis", "fallback", "ghostly", "hasty"]
+
+[stages.fallback]
+models = ["ghost", "smollm2-135m"]
+system_prompt = "Answer."
+
+[stages.ghostly]
+models = ["ghost"]
+
+[stages.hasty]
+models = ["smollm2-135m"]
+timeout_s = 0.05
+max_tokens = 400
+"""
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    home = make_home({"models.toml": MODELS, "mirador.toml": STAGES})
+    d = start_daemon(home)
+    yield d
+    stop_daemon(d)
+    shutil.rmtree(home.root, ignore_errors=True)
+
+
+def ask(daemon, text, **kwargs):
+    with daemon.home.client(idle_timeout=120) as client:
+        return list(client.ask(text, **kwargs))
+
+
+def by_stage(events, kind):
+    return {e["stage"]: e for e in events if e["event"] == kind}
+
+
+def test_complex_question_runs_all_stages_with_deep_overlapping_quick(daemon):
+    events = ask(daemon, COMPLEX, max_tokens=64)
+    start = events[0]
+    assert start["route"] == "complex" and start["mode"] == "progressive" and "compare" in start["reason"]
+    assert start["stages"] == ["quick", "deep", "synthesis"]
+    tokens = [e for e in events if e["event"] == "token"]
+    assert {t["stage"] for t in tokens} == {"quick", "deep", "synthesis"}
+    ends, starts = by_stage(events, "stage_end"), by_stage(events, "stage_start")
+    first = {s: next(t["t"] for t in tokens if t["stage"] == s) for s in ("quick", "deep", "synthesis")}
+    # deep waits for quick's first token, then runs while quick is still answering ...
+    assert first["quick"] <= starts["deep"]["t"] < ends["quick"]["t"]
+    assert first["deep"] < ends["quick"]["t"]
+    # ... and synthesis starts once both have finished (it receives their answers).
+    assert starts["synthesis"]["t"] >= max(ends["quick"]["t"], ends["deep"]["t"])
+    for stage in ("quick", "deep", "synthesis"):
+        confidences = [t["confidence"] for t in tokens if t["stage"] == stage]
+        assert all(0.0 <= c <= 1.0 for c in confidences)
+        assert len({round(c, 3) for c in confidences}) > 3  # varies within the stage
+    assert events[-1]["event"] == "done" and set(events[-1]["metrics"]["stages"]) == {"quick", "deep", "synthesis"}
+
+
+def test_simple_question_gets_only_quick(daemon):
+    events = ask(daemon, "What is the capital of France?", max_tokens=12)
+    assert events[0]["route"] == "simple" and events[0]["stages"] == ["quick"]
+    assert {e["stage"] for e in events if e["event"] == "token"} == {"quick"}
+
+
+def test_stages_option_overrides_the_router(daemon):
+    events = ask(daemon, COMPLEX, stages=["synthesis", "quick"], max_tokens=8)
+    assert events[0]["route"] == "requested" and events[0]["stages"] == ["quick", "synthesis"]
+    assert {e["stage"] for e in events if e["event"] == "token"} == {"quick", "synthesis"}
+
+
+def test_sequential_runs_stages_one_after_another(daemon):
+    result = daemon.home.mirador("ask", "--json", "--sequential", "--max-tokens", "12", COMPLEX)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in result.stdout.splitlines()]
+    assert events[0]["mode"] == "sequential" and events[0]["stages"] == ["quick", "deep", "synthesis"]
+    starts, ends = by_stage(events, "stage_start"), by_stage(events, "stage_end")
+    assert starts["deep"]["t"] >= ends["quick"]["t"] and starts["synthesis"]["t"] >= ends["deep"]["t"]
+    assert all(ends[s]["tokens"] > 0 for s in ("quick", "deep", "synthesis"))
+
+
+def test_named_chain_runs_its_steps_and_is_listed(daemon):
+    events = ask(daemon, "What is rain?", chain="draft-critique-revise", max_tokens=10)
+    assert events[0]["route"] == "chain" and events[0]["stages"] == ["draft", "critique", "revise"]
+    starts, ends = by_stage(events, "stage_start"), by_stage(events, "stage_end")
+    assert starts["critique"]["t"] >= ends["draft"]["t"] and starts["revise"]["t"] >= ends["critique"]["t"]
+    assert all(ends[s]["tokens"] > 0 for s in ("draft", "critique", "revise"))
+    listed = daemon.home.mirador("chains")
+    assert listed.returncode == 0 and "draft-critique-revise" in listed.stdout and "critique (smollm2-135m)" in listed.stdout
+    unknown = daemon.home.mirador("ask", "--chain", "nope", "hi")
+    assert unknown.returncode == 1 and "unknown chain 'nope'" in unknown.stderr
+
+
+def test_missing_model_falls_back_or_skips_the_stage_and_the_answer_completes(daemon):
+    events = ask(daemon, "Name a fruit.", stages=["quick", "fallback", "ghostly"], max_tokens=8)
+    errors = [e for e in events if e["event"] == "error"]
+    assert sorted((e["stage"], e["model"], e["code"]) for e in errors) == [
+        ("fallback", "ghost", "unknown_model"), ("ghostly", "ghost", "unknown_model")]
+    assert all(not e["final"] and "does not exist" in e["message"] for e in errors)
+    tokens = [e for e in events if e["event"] == "token"]
+    assert {t["model"] for t in tokens if t["stage"] == "fallback"} == {"smollm2-135m"}  # the fallback answered
+    ends = by_stage(events, "stage_end")
+    assert ends["ghostly"]["tokens"] == 0 and ends["quick"]["tokens"] > 0 and ends["fallback"]["tokens"] > 0
+    assert events[-1]["event"] == "done"
+
+
+def test_a_stage_that_times_out_is_stopped_with_an_error(daemon):
+    events = ask(daemon, "Tell me a long story.", stages=["quick", "hasty"], max_tokens=400)
+    (error,) = [e for e in events if e["event"] == "error"]
+    assert error["stage"] == "hasty" and error["code"] == "timeout"
+    assert by_stage(events, "stage_end")["hasty"]["tokens"] < 400
+    assert events[-1]["event"] == "done" and by_stage(events, "stage_end")["quick"]["tokens"] > 0
+
+
+def test_stats_reflect_the_queries_just_made(daemon):
+    with daemon.home.client() as client:
+        before = client.stats()
+        ask(daemon, "Say yes.", max_tokens=4)
+        ask(daemon, "Say no.", max_tokens=4)
+        after = client.stats()
+    assert after["queries"] == before["queries"] + 2
+    quick = lambda s: next((r for r in s["stages"] if r["name"] == "quick"), {"runs": 0})  # noqa: E731
+    assert quick(after)["runs"] == quick(before)["runs"] + 2
+    assert quick(after)["first_token_p50_s"] > 0 and quick(after)["tokens_per_s_p50"] > 0
+    assert any(r["name"] == "smollm2-135m" for r in after["models"])
+    text = daemon.home.mirador("stats")
+    assert text.returncode == 0 and "quick" in text.stdout and "smollm2-135m" in text.stdout
+
+
+LABELLED = [
+    ("hi", "simple"),
+    ("What is the capital of France?", "simple"),
+    ("Tell me a joke about cats.", "simple"),
+    ("Translate 'good morning' into Spanish.", "simple"),
+    ("What time zone is Tokyo in?", "simple"),
+    ("Why is the sky blue?", "medium"),
+    ("How does a refrigerator keep food cold?", "medium"),
+    ("What are the pros and cons of electric cars?", "medium"),
+    ("Explain how a compiler turns source code into machine code.", "medium"),
+    ("Should I learn Rust or Go first?", "medium"),
+    (COMPLEX, "complex"),
+    ("Design a backup strategy for a small company: what should be backed up, how often, where, "
+     "and what are the security risks?", "complex"),
+    ("1. Summarise the causes of inflation\n2. Compare the policy options\n3. Recommend one for a small economy", "complex"),
+    ("Analyze the trade-offs between microservices and a monolith for a team of five; consider latency, "
+     "deployment and scalability.", "complex"),
+]
+
+
+@pytest.mark.parametrize("question, expected", LABELLED)
+def test_router_on_a_labelled_set(question, expected):
+    assert classify(question).kind == expected
