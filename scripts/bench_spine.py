@@ -18,25 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
+from benchlib import BIN, private_daemon, summary
+
 QUESTION = "Explain in a few sentences why the sky is blue."
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"p50": statistics.median(values), "p95": pct(values, 0.95), "mean": statistics.fmean(values)}
 
 
 def raw_run(llm, messages, tokens: int, temperature: float) -> tuple[float, float, int]:
@@ -54,7 +42,7 @@ def raw_run(llm, messages, tokens: int, temperature: float) -> tuple[float, floa
 def daemon_run(client, tokens: int, temperature: float) -> tuple[float, float, int, float]:
     times = []
     actor_first = None
-    for event in client.ask(QUESTION, max_tokens=tokens, temperature=temperature):
+    for event in client.ask(QUESTION, stages=["quick"], max_tokens=tokens, temperature=temperature):
         if event["event"] == "token":
             times.append(event["t"])
         elif event["event"] == "stage_end":
@@ -70,7 +58,7 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 def enter_to_first_token(env: dict[str, str], tokens: int) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(BIN / "mirador"), "ask", "--json", "--max-tokens", str(tokens), QUESTION],
+    proc = subprocess.Popen([str(BIN / "mirador"), "ask", "--json", "--stages", "quick", "--max-tokens", str(tokens), QUESTION],
                             env=env, stdout=subprocess.PIPE, text=True)
     first = None
     for line in proc.stdout:
@@ -91,25 +79,15 @@ def main() -> None:
 
     from mirador.actors.llamacpp import resolve_source
     from mirador.client import Client
-    from mirador.client import daemon_control
-    from mirador.client.paths import Paths
     from mirador.runtime.config import load_config
 
-    home = Path(tempfile.mkdtemp(prefix="mrb-", dir="/tmp"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}  # MIRADOR_* config vars apply
-    env["MIRADOR_HOME"] = str(home)
-    paths = Paths.from_env(env)
-    config = load_config(paths, env)
-    stage = config.stages["quick"]
-    spec = config.models[stage.model]
-    n_threads = spec.options.get("n_threads") or os.cpu_count()
-    messages = [{"role": "system", "content": stage.system_prompt}, {"role": "user", "content": QUESTION}]
-    temperature = stage.temperature
-
-    print(f"starting a daemon in {home} ...", file=sys.stderr)
-    daemon = subprocess.Popen([str(BIN / "miradord")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        daemon_control.wait_ready(paths, daemon)
+    with private_daemon() as (env, paths):
+        config = load_config(paths, env)
+        stage = config.stages["quick"]
+        spec = config.models[stage.model]
+        n_threads = spec.options.get("n_threads") or os.cpu_count()
+        messages = [{"role": "system", "content": stage.system_prompt}, {"role": "user", "content": QUESTION}]
+        temperature = stage.temperature
         llm = Llama(model_path=str(resolve_source(spec.source)), n_ctx=spec.options.get("n_ctx", 2048),
                     n_threads=n_threads, verbose=False)
         raw, via, actor_first = [], [], []
@@ -124,9 +102,6 @@ def main() -> None:
         imports = [timed([str(BIN / "python"), "-c", "import mirador.client.cli"], env) for _ in range(10)]
         helps = [timed([str(BIN / "mirador"), "--help"], env) for _ in range(10)]
         enter = [enter_to_first_token(env, args.tokens) for _ in range(10)]
-    finally:
-        daemon_control.stop(paths)
-        shutil.rmtree(home, ignore_errors=True)
 
     result = {
         "machine": {"cpus": os.cpu_count(), "model": spec.name, "n_threads": n_threads, "tokens": args.tokens,

@@ -114,3 +114,39 @@ def test_renderer_styles_tokens_by_confidence(color):
     else:
         assert out.text == "── quick · m ──\nlow mid high\n"
     assert "quick: 3 tokens, first token 0.10 s, 90 tok/s" in err.text
+
+
+def test_renderer_shows_stages_as_sections_in_order_whatever_the_arrival_order():
+    out, err = FakeTTY(False), FakeTTY(False)
+    r = Renderer(out, err, color=False, spinner=False)
+    stream = [
+        {"event": "start", "stages": ["quick", "deep", "synthesis"]},
+        {"event": "stage_start", "stage": "quick", "model": "m"},
+        {"event": "token", "stage": "quick", "text": "q1 ", "confidence": 0.9},
+        {"event": "stage_start", "stage": "deep", "model": "m"},
+        {"event": "token", "stage": "deep", "text": "d1 ", "confidence": 0.9},
+        {"event": "token", "stage": "quick", "text": "q2", "confidence": 0.9},
+        {"event": "token", "stage": "deep", "text": "d2", "confidence": 0.9},
+        {"event": "stage_end", "stage": "deep", "tokens": 2},
+    ]
+    for event in stream:
+        r.handle(event)
+    assert out.text == "── quick · m ──\nq1 q2"  # deep's early tokens wait for their section
+    for event in [
+        {"event": "stage_end", "stage": "quick", "tokens": 2},
+        {"event": "stage_start", "stage": "synthesis", "model": "m"},
+        {"event": "token", "stage": "synthesis", "text": "s1", "confidence": 0.9},
+        {"event": "stage_end", "stage": "synthesis", "tokens": 1},
+        {"event": "done", "cancelled": False},
+    ]:
+        r.handle(event)
+    assert out.text == "── quick · m ──\nq1 q2\n── deep · m ──\nd1 d2\n── synthesis · m ──\ns1\n"
+
+
+def test_no_color_env_turns_colour_off_even_on_a_terminal(monkeypatch):
+    from mirador.client.render import use_color
+
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert use_color(FakeTTY(True)) and not use_color(FakeTTY(False))
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not use_color(FakeTTY(True))
