@@ -108,6 +108,21 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
     sys.exit(1 if failed else 0)
 
 
+def _query(method: str) -> dict[str, Any]:
+    """One status-like request to a running daemon, or a clear error."""
+    paths = Paths.from_env()
+    try:
+        if not paths.socket.exists():
+            raise DaemonNotRunning("")
+        with Client(paths.endpoint) as client:
+            return getattr(client, method)()
+    except DaemonNotRunning:
+        if daemon_control.running_pid(paths) is not None:
+            _fail("miradord is starting; try again in a moment")
+        _fail("miradord is not running; start it with `mirador daemon start`")
+    raise AssertionError("unreachable")
+
+
 def _status_text(status: dict[str, Any]) -> str:
     up = int(status["uptime_s"])
     ray_how = "started by the daemon" if status.get("ray_started_here") else "joined"
@@ -136,21 +151,6 @@ def status(as_json: bool) -> None:
     """Show the daemon: pid, uptime, Ray address, and each actor with its model."""
     result = _query("status")
     click.echo(json.dumps(result, indent=2) if as_json else _status_text(result))
-
-
-def _query(method: str) -> dict[str, Any]:
-    """One status-like request to a running daemon, or a clear error."""
-    paths = Paths.from_env()
-    try:
-        if not paths.socket.exists():
-            raise DaemonNotRunning("")
-        with Client(paths.endpoint) as client:
-            return getattr(client, method)()
-    except DaemonNotRunning:
-        if daemon_control.running_pid(paths) is not None:
-            _fail("miradord is starting; try again in a moment")
-        _fail("miradord is not running; start it with `mirador daemon start`")
-    raise AssertionError("unreachable")
 
 
 @main.command()
