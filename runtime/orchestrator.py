@@ -188,16 +188,17 @@ class Orchestrator:
             ask.errors.append({"stage": step.name, "model": failed_model, "code": code})
             await emit("error", stage=step.name, model=failed_model, code=code, message=message)
 
-        await emit("stage_start", stage=step.name, model=model)
         pieces: list[str] = []
         end: dict[str, Any] | None = None
         ask.running[step.name] = actor
+        # The actor starts on the prompt first; the stage_start frame goes out while it works.
+        stream = actor.generate.options(num_returns="streaming").remote(
+            ask.query_id, build_messages(step.system_prompt, ask.text, previous),
+            step.max_tokens, step.temperature, list(step.models),
+        )
         try:
+            await emit("stage_start", stage=step.name, model=model)
             async with asyncio.timeout(step.timeout_s):
-                stream = actor.generate.options(num_returns="streaming").remote(
-                    ask.query_id, build_messages(step.system_prompt, ask.text, previous),
-                    step.max_tokens, step.temperature, list(step.models),
-                )
                 async for ref in stream:
                     item = await ref
                     if "text" in item:
