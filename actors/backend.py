@@ -69,6 +69,10 @@ class Backend(abc.ABC):
     def stream(self, messages: Messages, options: GenerationOptions) -> AsyncIterator[Token]:
         """Stream the reply; closing the iterator stops generation. Raises ModelError."""
 
+    def count_tokens(self, text: str) -> int:
+        """Tokens ``text`` takes in this model; backends without a local tokenizer estimate (~4 chars each)."""
+        return len(text) // 4 + 1
+
 
 def make_backend(name: str, backend: str, source: str, options: dict[str, Any]) -> Backend:
     """Build the backend a model manifest entry names (imports only that backend's library)."""

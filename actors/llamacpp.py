@@ -144,6 +144,11 @@ class LlamaCppBackend(Backend):
     async def is_loaded(self) -> bool:
         return self._llm is not None
 
+    def count_tokens(self, text: str) -> int:
+        if self._llm is None:
+            return super().count_tokens(text)
+        return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
     def prompt_tokens(self, messages: Messages) -> list[int]:
         formatted = self._formatter(messages=messages)
         return self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)

@@ -9,6 +9,7 @@ It tries the stage's models in order until one answers; it yields small dicts, n
 a model failure, and always ends with one ``end`` item, so the actor survives a failed
 generation and the caller always learns how the stage ended:
 
+    {"context": [memory ids]}                                        memories given to the model
     {"model": name}                                                  this model answers now
     {"text": str, "logprob": float | None, "confidence": float}     one per token
     {"error": code, "message": str, "model": name}                   that model failed
@@ -30,6 +31,8 @@ import ray
 
 from .backend import Backend, GenerationOptions, Messages, ModelError, make_backend
 from .confidence import ConfidenceTracker
+
+MEMORY_HEADER = "From earlier conversations with this user (use only what is relevant):"
 
 
 @ray.remote(num_cpus=0, max_concurrency=64)
@@ -95,9 +98,27 @@ class StageActor:
         self._cancelled.add(request_id)
         return True
 
+    def _with_memories(self, messages: Messages, memories: list[dict[str, Any]], budget: int) -> tuple[Messages, list[str]]:
+        """Add as many recalled memories as fit ``budget`` tokens of the answering model, as a
+        system message right after the stage's own (which stays first for the prompt cache)."""
+        backend = self.backends[self.primary]
+        block, used = MEMORY_HEADER, []
+        for memory in memories:
+            line = f"\n- The user said: {memory['question'].strip()}\n  You answered: {memory['answer'].strip()}"
+            if backend.count_tokens(block + line) > budget:
+                break
+            block += line
+            used.append(memory["id"])
+        if not used:
+            return messages, []
+        at = 1 if messages and messages[0]["role"] == "system" else 0
+        return messages[:at] + [{"role": "system", "content": block}] + messages[at:], used
+
     async def generate(self, request_id: str, messages: Messages, max_tokens: int, temperature: float,
-                       models: list[str] | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Stream an answer from the first of ``models`` (default: all of the stage's, in order) that works."""
+                       models: list[str] | None = None, memories: list[dict[str, Any]] | None = None,
+                       memory_tokens: int = 0) -> AsyncIterator[dict[str, Any]]:
+        """Stream an answer from the first of ``models`` (default: all of the stage's, in order) that works,
+        with as many of ``memories`` as fit ``memory_tokens``."""
         started = time.perf_counter()
         first = last = None
         count = 0
@@ -107,6 +128,11 @@ class StageActor:
             async with self._turn:
                 self._generating = True
                 try:
+                    if memories and memory_tokens > 0:
+                        with contextlib.suppress(ModelError):  # counting needs the model; a failing one is reported below
+                            await self.backends[self.primary].load()
+                        messages, used = self._with_memories(messages, memories, memory_tokens)
+                        yield {"context": used}
                     for name in models or list(self.backends):
                         if request_id in self._cancelled:
                             break

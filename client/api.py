@@ -77,8 +77,12 @@ class _Requests:
 
     @staticmethod
     def _ask_fields(text: str, stages: list[str] | None, sequential: bool, chain: str | None,
-                    options: dict[str, Any]) -> dict[str, Any]:
+                    session: str | None, memory: bool, options: dict[str, Any]) -> dict[str, Any]:
         fields: dict[str, Any] = {"text": text}
+        if session:
+            fields["session"] = session
+        if not memory:
+            fields["memory"] = False
         if stages:
             fields["stages"] = list(stages)
         if sequential:
@@ -167,6 +171,10 @@ class Client(_Requests):
     def stats(self, timeout: float = 30.0) -> dict[str, Any]:
         return self._call("stats", timeout)
 
+    def memory(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """A memory control: list, search (query=), show/forget (target=), forget_all, export, import (records=)."""
+        return self._call("memory", timeout, op=op, **fields)
+
     def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return self._call("cancel", timeout, target=target)
 
@@ -178,14 +186,18 @@ class Client(_Requests):
         temperature: float | None = None,
         sequential: bool = False,
         chain: str | None = None,
+        session: str | None = None,
+        memory: bool = True,
     ) -> Iterator[dict[str, Any]]:
-        """Stream the events of one question; closing the iterator early cancels it."""
-        fields = self._ask_fields(text, stages, sequential, chain, {"max_tokens": max_tokens, "temperature": temperature})
+        """Stream the events of one question; closing the iterator early cancels it.
+        ``memory=False`` is incognito: nothing is recalled or stored."""
+        fields = self._ask_fields(text, stages, sequential, chain, session, memory,
+                                  {"max_tokens": max_tokens, "temperature": temperature})
         rid, sent_at = self._send("ask", **fields)
         finished = False
         try:
             for event in self._replies(rid, sent_at, self.idle_timeout):
-                finished = event.get("final", False)
+                finished = event.get("final", False) or event.get("event") == "done"  # nothing left to cancel
                 yield event
         except TimeoutError:
             raise MiradorError(f"the daemon sent nothing for {self.idle_timeout:.0f} s; see `mirador status`") from None
@@ -193,7 +205,7 @@ class Client(_Requests):
             if not finished:
                 try:  # a daemon that went away cannot take it: never block on it
                     self._sock.send(self._cancel_frame(rid), flags=zmq.NOBLOCK)
-                except zmq.Again:
+                except zmq.ZMQError:
                     pass
 
 
@@ -264,6 +276,9 @@ class AsyncClient(_Requests):
     async def stats(self, timeout: float = 30.0) -> dict[str, Any]:
         return await self._call("stats", timeout)
 
+    async def memory(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        return await self._call("memory", timeout, op=op, **fields)
+
     async def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return await self._call("cancel", timeout, target=target)
 
@@ -275,13 +290,16 @@ class AsyncClient(_Requests):
         temperature: float | None = None,
         sequential: bool = False,
         chain: str | None = None,
+        session: str | None = None,
+        memory: bool = True,
     ) -> AsyncIterator[dict[str, Any]]:
-        fields = self._ask_fields(text, stages, sequential, chain, {"max_tokens": max_tokens, "temperature": temperature})
+        fields = self._ask_fields(text, stages, sequential, chain, session, memory,
+                                  {"max_tokens": max_tokens, "temperature": temperature})
         rid, sent_at = await self._send("ask", **fields)
         finished = False
         try:
             async for event in self._replies(rid, sent_at, self.idle_timeout):
-                finished = event.get("final", False)
+                finished = event.get("final", False) or event.get("event") == "done"  # nothing left to cancel
                 yield event
         except TimeoutError:
             raise MiradorError(f"the daemon sent nothing for {self.idle_timeout:.0f} s; see `mirador status`") from None
@@ -289,5 +307,5 @@ class AsyncClient(_Requests):
             if not finished:
                 try:
                     await self._sock.send(self._cancel_frame(rid), flags=zmq.NOBLOCK)
-                except zmq.Again:
+                except zmq.ZMQError:
                     pass

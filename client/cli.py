@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import datetime
 from typing import Any
 
 import click
@@ -63,11 +64,14 @@ def main() -> None:
 @click.option("--stages", help="Comma-separated stages to run, e.g. quick (default: the router picks).")
 @click.option("--sequential", is_flag=True, help="Run the stages one after another, each seeing the previous answers.")
 @click.option("--chain", help="Run a named chain instead of stages (see `mirador chains`).")
+@click.option("--session", help="Continue the conversation of this name (its last turns go in as history).")
+@click.option("--no-memory", is_flag=True, help="Incognito: recall nothing and remember nothing of this question.")
 @click.option("--max-tokens", type=click.IntRange(1, 8192), help="Limit each stage's answer length.")
 @click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature for every stage.")
 @click.option("--no-autostart", is_flag=True, help="Fail instead of starting the daemon when none is running.")
 def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bool, chain: str | None,
-        max_tokens: int | None, temperature: float | None, no_autostart: bool) -> None:
+        session: str | None, no_memory: bool, max_tokens: int | None, temperature: float | None,
+        no_autostart: bool) -> None:
     """Ask a question; the answer streams as it is generated. TEXT '-' reads standard input."""
     question = sys.stdin.read() if text == ("-",) else " ".join(text)
     if not question.strip():
@@ -86,12 +90,14 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
     failed = False
     with Client(paths.endpoint) as client:
         events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature,
-                            sequential=sequential, chain=chain)
+                            sequential=sequential, chain=chain, session=session, memory=not no_memory)
         try:
             for event in events:
                 failed |= event.get("event") == "error"
                 if renderer:
                     renderer.handle(event)
+                    if event.get("event") == "done":
+                        break  # the answer is complete; the daemon stores it without us
                 else:
                     click.echo(json.dumps(event, ensure_ascii=False))
         except KeyboardInterrupt:
@@ -108,14 +114,17 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
     sys.exit(1 if failed else 0)
 
 
-def _query(method: str) -> dict[str, Any]:
-    """One status-like request to a running daemon, or a clear error."""
+def _query(method: str, *args: Any, **fields: Any) -> dict[str, Any]:
+    """One request to a running daemon (status, stats, memory), or a clear error."""
     paths = Paths.from_env()
     try:
         if not paths.socket.exists():
             raise DaemonNotRunning("")
         with Client(paths.endpoint) as client:
-            return getattr(client, method)()
+            reply = getattr(client, method)(*args, **fields)
+        if reply.get("event") == "error":
+            _fail(reply["message"])
+        return reply
     except DaemonNotRunning:
         if daemon_control.running_pid(paths) is not None:
             _fail("miradord is starting; try again in a moment")
@@ -132,6 +141,8 @@ def _status_text(status: dict[str, Any]) -> str:
         f"ray:     {status['ray_address']} ({ray_how})",
         f"socket:  {status['socket']}",
         f"log:     {status['log']}",
+        "memory:  " + (f"{status['memory'].get('memories', '?')} memories, {status['memory'].get('bytes', 0) / 1e6:.1f} MB"
+                       f" in {status['memory'].get('path')}" if status["memory"].get("enabled") else "off"),
         "actors:",
     ]
     for actor in status["actors"]:
@@ -186,6 +197,105 @@ def stats(as_json: bool) -> None:
     lines = [f"{result['queries']} questions ({routes}); {result['errors']} stage errors", ""]
     lines += _stats_table(result["stages"], "stage") + [""] + _stats_table(result["models"], "model")
     click.echo("\n".join(lines))
+
+
+@main.group()
+def memory() -> None:
+    """See and control what Mirador remembers."""
+
+
+def _print_records(records: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(records, indent=2, ensure_ascii=False))
+        return
+    if not records:
+        click.echo("no memories")
+    for r in records:
+        when = datetime.fromtimestamp(r["ts"]).strftime("%Y-%m-%d %H:%M") if r.get("ts") else "?"
+        score = f"  similarity {r['similarity']:.2f}" if "similarity" in r else ""
+        session = f"  session {r['session']}" if r.get("session") else ""
+        click.echo(f"{r['id']}  {when}{session}{score}\n  Q: {_one_line(r['question'])}\n  A: {_one_line(r['answer'])}")
+
+
+def _one_line(text: str, width: int = 100) -> str:
+    text = " ".join((text or "").split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+@memory.command("list")
+@click.option("--limit", type=click.IntRange(0), default=50, show_default=True, help="How many, newest first (0: all).")
+@click.option("--json", "as_json", is_flag=True)
+def memory_list(limit: int, as_json: bool) -> None:
+    """List memories, newest first."""
+    _print_records(_query("memory", "list", limit=limit)["records"], as_json)
+
+
+@memory.command("search")
+@click.argument("query", nargs=-1, required=True)
+@click.option("--limit", type=click.IntRange(1), default=10, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+def memory_search(query: tuple[str, ...], limit: int, as_json: bool) -> None:
+    """Memories most like QUERY, by meaning."""
+    _print_records(_query("memory", "search", query=" ".join(query), limit=limit)["records"], as_json)
+
+
+@memory.command("show")
+@click.argument("memory_id")
+def memory_show(memory_id: str) -> None:
+    """One memory in full."""
+    (record,) = _query("memory", "show", target=memory_id)["records"]
+    click.echo(json.dumps(record, indent=2, ensure_ascii=False))
+
+
+@memory.command("forget")
+@click.argument("memory_id", required=False)
+@click.option("--all", "everything", is_flag=True, help="Forget every memory.")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def memory_forget(memory_id: str | None, everything: bool, yes: bool) -> None:
+    """Delete one memory (or all of them) for good."""
+    if everything == bool(memory_id):
+        _fail("give a memory id, or --all", 2)
+    if everything:
+        if not yes:
+            click.confirm("Forget every memory? This cannot be undone", abort=True)
+        click.echo(f"forgot {_query('memory', 'forget_all')['forgotten']} memories")
+    else:
+        _query("memory", "forget", target=memory_id)
+        click.echo(f"forgot {memory_id}")
+
+
+@memory.command("export")
+@click.argument("file", type=click.Path(dir_okay=False, writable=True))
+def memory_export(file: str) -> None:
+    """Write every memory to FILE as JSON lines ('-': standard output)."""
+    records = _query("memory", "export")["records"]
+    with click.open_file(file, "w", encoding="utf-8") as out:
+        for record in records:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    if file != "-":
+        click.echo(f"exported {len(records)} memories to {file}", err=True)
+
+
+@memory.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def memory_import(file: str) -> None:
+    """Add the memories in a JSON-lines FILE (as `memory export` writes it)."""
+    records = []
+    with open(file, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                _fail(f"{file}:{number}: not JSON ({exc.msg}); nothing was imported", 2)
+            if not all(isinstance(record.get(k), str) for k in ("id", "question", "answer")):
+                _fail(f"{file}:{number}: a memory needs id, question and answer; nothing was imported", 2)
+            records.append(record)
+    imported = 0
+    for start in range(0, len(records), 200):  # stay well under the protocol's frame limit
+        imported += _query("memory", "import", records=records[start:start + 200])["imported"]
+    click.echo(f"imported {imported} memories")
 
 
 @main.group()

@@ -20,10 +20,16 @@ Requests (client -> daemon)
                   ``sequential`` (bool, optional: run the stages one after another, each
                   receiving the previous answers); ``chain`` (a configured chain's name,
                   optional: run its steps instead of stages); ``options`` (map, optional:
-                  ``max_tokens`` int 1..8192, ``temperature`` number 0..2, for every stage).
+                  ``max_tokens`` int 1..8192, ``temperature`` number 0..2, for every stage);
+                  ``session`` (a name, optional: continue that conversation); ``memory`` (bool,
+                  optional, default true: false is incognito, nothing recalled or stored).
       ``cancel``  ``target``: the ``id`` of an ``ask`` sent on the same connection.
       ``status``  no fields.
       ``stats``   no fields.
+      ``memory``  ``op``: list | search | show | forget | forget_all | export | import, with
+                  ``query`` (search), ``target`` (show, forget: a memory id), ``limit`` (list,
+                  search), ``records`` (import: maps with id, question, answer and optionally
+                  route, models, session, ts, as export gives them).
       ``ping``    no fields.
 
     Unknown extra keys are ignored, so newer clients can add optional fields.
@@ -35,19 +41,26 @@ Replies (daemon -> client)
     follows it. In order:
 
     ``ask``    ``start`` {query_id, route (simple | medium | complex | requested | chain),
-               reason, mode (progressive | sequential | chain), stages: [names]}; then, per
-               stage, ``stage_start`` {stage, model}, ``token`` {stage, model, text, confidence
-               in [0, 1], logprob or null}..., ``stage_end`` {stage, model, tokens,
+               reason, mode (progressive | sequential | chain), stages: [names], session};
+               unless incognito, ``memory`` {recalled: [{id, question, similarity}], history:
+               n}; then, per stage, ``stage_start`` {stage, model}, ``context`` {stage,
+               memory_ids} (the memories that stage was given), ``token`` {stage, model, text,
+               confidence in [0, 1], logprob or null}..., ``stage_end`` {stage, model, tokens,
                first_token_s, duration_s, tokens_per_s, cancelled}; then ``done`` {query_id,
-               cancelled, metrics} (final). In progressive mode stages overlap, so their events
-               interleave (each stage's own events stay in order).
+               cancelled, metrics}: the answer is complete. When the exchange is to be
+               remembered, ``done`` is not final: ``remembered`` {query_id, memory_id} follows
+               (final) once it is stored on disk; a client may leave at ``done``. In
+               progressive mode stages overlap, so their events interleave (each stage's own
+               events stay in order).
                A stage whose model fails sends ``error`` {code, message, stage, model} (not
                final); its next model (a fallback) is tried, else the stage is skipped and the
                ask still ends with ``done``.
     ``cancel`` ``ack`` {target, found} (final). The cancelled ask then ends with ``done``
                whose ``cancelled`` is true.
     ``status`` ``status`` {pid, version, uptime_s, ready, ray_address, actors: [{name, stage,
-               model, fallbacks, backend, loaded, busy, node_id, pid}], routes, chains} (final).
+               model, fallbacks, backend, loaded, busy, node_id, pid}], memory: {enabled, memories,
+               bytes, path}, routes, chains} (final).
+    ``memory`` ``memory`` {records: [...]} or {forgotten: n} or {imported: n} (final).
     ``stats``  ``stats`` {queries, routes, errors, stages: [...], models: [...]} (final): per
                stage and per model, runs and p50/p95 of first-token time and tokens/s.
     ``ping``   ``pong`` {pid, version, ready} (final). ``ready`` turns true once the stage
@@ -59,7 +72,8 @@ Replies (daemon -> client)
 
     ``bad_frame`` (not one msgpack map), ``bad_version``, ``bad_request`` (a field missing or
     of the wrong type), ``too_large`` (a frame over MAX_FRAME_BYTES), ``unknown_type``,
-    ``unknown_stage``, ``unknown_chain``, ``duplicate_id``, ``shutting_down``, ``internal``.
+    ``unknown_stage``, ``unknown_chain``, ``duplicate_id``, ``not_found``, ``memory_disabled``,
+    ``shutting_down``, ``internal``.
     Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
     backend lacks it), ``backend_unavailable`` (e.g. Ollama is not running), ``timeout`` and
     ``stage_unavailable`` (its actor died).
@@ -79,7 +93,8 @@ import msgpack
 VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 MAX_ID_CHARS = 64
-REQUEST_TYPES = ("ask", "cancel", "status", "stats", "ping")
+REQUEST_TYPES = ("ask", "cancel", "status", "stats", "memory", "ping")
+MEMORY_OPS = ("list", "search", "show", "forget", "forget_all", "export", "import")
 
 
 class ProtocolError(Exception):
@@ -142,6 +157,8 @@ def parse_request(frames: list[bytes]) -> dict[str, Any]:
         raise ProtocolError("unknown_type", f"unknown request type {type_!r}; expected one of {', '.join(REQUEST_TYPES)}", rid)
     if type_ == "ask":
         _check_ask(obj, rid)
+    elif type_ == "memory":
+        _check_memory(obj, rid)
     elif type_ == "cancel" and not isinstance(obj.get("target"), str):
         raise ProtocolError("bad_request", "'cancel' needs 'target': the id of the ask to cancel", rid)
     return obj
@@ -157,6 +174,11 @@ def _check_ask(obj: dict[str, Any], rid: str) -> None:
     stages = obj.get("stages")
     if stages is not None and (not isinstance(stages, list) or not stages or not all(isinstance(s, str) for s in stages)):
         raise bad("'stages' must be a non-empty list of stage names")
+    if not isinstance(obj.get("memory", True), bool):
+        raise bad("'memory' must be true or false")
+    session = obj.get("session")
+    if session is not None and (not isinstance(session, str) or not 0 < len(session) <= 128):
+        raise bad("'session' must be a name of 1..128 characters")
     if not isinstance(obj.get("sequential", False), bool):
         raise bad("'sequential' must be true or false")
     chain = obj.get("chain")
@@ -173,3 +195,23 @@ def _check_ask(obj: dict[str, Any], rid: str) -> None:
     temperature = options.get("temperature")
     if temperature is not None and (type(temperature) not in (int, float) or not 0 <= temperature <= 2):
         raise bad("'options.temperature' must be a number in 0..2")
+
+
+def _check_memory(obj: dict[str, Any], rid: str) -> None:
+    op = obj.get("op")
+    if op not in MEMORY_OPS:
+        raise ProtocolError("bad_request", f"'memory' needs 'op', one of {', '.join(MEMORY_OPS)}", rid)
+    if op == "search" and not (isinstance(obj.get("query"), str) and obj["query"].strip()):
+        raise ProtocolError("bad_request", "'search' needs 'query': a non-empty string", rid)
+    if op in ("show", "forget") and not isinstance(obj.get("target"), str):
+        raise ProtocolError("bad_request", f"'{op}' needs 'target': a memory id", rid)
+    if op == "import":
+        records = obj.get("records")
+        if not isinstance(records, list) or not all(
+            isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
+            and isinstance(r.get("id"), str) for r in records
+        ):
+            raise ProtocolError("bad_request", "'import' needs 'records': maps with id, question and answer", rid)
+    limit = obj.get("limit")
+    if limit is not None and (type(limit) is not int or limit < 0):
+        raise ProtocolError("bad_request", "'limit' must be a non-negative integer", rid)

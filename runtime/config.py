@@ -47,6 +47,7 @@ class StageConfig:
     timeout_s: float = 120.0
     after_first_token_of: str | None = None  # start when that stage's first token is out
     needs: tuple[str, ...] = ()  # finished answers this stage receives, when in the plan
+    memory: bool = False  # receives recalled memories and session history
 
     @property
     def model(self) -> str:
@@ -70,6 +71,15 @@ class ChainConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    enabled: bool = True
+    recall_k: int = 4
+    min_similarity: float = 0.3
+    context_tokens: int = 256
+    session_turns: int = 4
+
+
+@dataclass(frozen=True)
 class Config:
     """The daemon's whole configuration, validated."""
 
@@ -80,6 +90,7 @@ class Config:
     models: dict[str, ModelSpec]
     routes: dict[str, tuple[str, ...]]  # question class -> stages
     chains: dict[str, ChainConfig]
+    memory: MemoryConfig
     raw: dict[str, Any]
 
 
@@ -171,6 +182,7 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
         models=models,
         routes=routes,
         chains=chains,
+        memory=_memory(raw.get("memory", {})),
         raw=raw,
     )
 
@@ -197,6 +209,7 @@ def _stages(stages_raw: dict[str, Any], models: dict[str, ModelSpec]) -> dict[st
                 timeout_s=float(s.get("timeout_s", 120)),
                 after_first_token_of=s.get("after_first_token_of") or None,
                 needs=tuple(s.get("needs", ())),
+                memory=bool(s.get("memory", False)),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"stages.{name}: {exc}") from None
@@ -207,3 +220,16 @@ def _stages(stages_raw: dict[str, Any], models: dict[str, ModelSpec]) -> dict[st
     if not stages:
         raise ConfigError("no stages configured")
     return stages
+
+
+def _memory(m: dict[str, Any]) -> MemoryConfig:
+    try:
+        return MemoryConfig(
+            enabled=bool(m.get("enabled", True)),
+            recall_k=int(m.get("recall_k", 4)),
+            min_similarity=float(m.get("min_similarity", 0.3)),
+            context_tokens=int(m.get("context_tokens", 256)),
+            session_turns=int(m.get("session_turns", 4)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"memory: {exc}") from None

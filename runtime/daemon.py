@@ -22,6 +22,8 @@ from typing import IO, Any
 
 from mirador.client.paths import Paths
 
+from mirador.client.protocol import ProtocolError
+
 from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("mirador.daemon")
@@ -41,6 +43,7 @@ class Daemon:
         self.ray_address = ""
         self.ray_started = False
         self.actors: dict[str, Any] = {}
+        self.memory: Any = None  # the MemoryStore actor, when memory is on
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -56,6 +59,12 @@ class Daemon:
                 return {"name": name, "stage": key, "loaded": False, "error": f"not responding ({type(exc).__name__})"}
 
         actors = await asyncio.gather(*(one(s, a) for s, a in self.actors.items()))
+        memory: dict[str, Any] = {"enabled": False}
+        if self.memory is not None:
+            try:
+                memory = {"enabled": True, **await asyncio.wait_for(self.memory.stats.remote(), 10)}
+            except Exception as exc:
+                memory = {"enabled": True, "error": f"not responding ({type(exc).__name__})"}
         return {
             **self.pong(),
             "uptime_s": round(time.time() - self.started_at, 1),
@@ -64,6 +73,7 @@ class Daemon:
             "socket": str(self.paths.socket),
             "log": str(self.paths.logfile),
             "actors": list(actors),
+            "memory": memory,
             "routes": {kind: list(stages) for kind, stages in self.config.routes.items()},
             "chains": [{"name": c.name, "description": c.description, "steps": [f"{st.name} ({st.model})" for st in c.steps]}
                        for c in self.config.chains.values()],
@@ -71,6 +81,30 @@ class Daemon:
 
     async def stats(self) -> dict[str, Any]:
         return await self.metrics.summary()
+
+    async def memory_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The user's controls over what is remembered (``memory`` requests)."""
+        rid, op, m = request["id"], request["op"], self.memory
+        if m is None:
+            raise ProtocolError("memory_disabled", "memory is off (memory.enabled = false in mirador.toml)", rid)
+        if op == "list":
+            return {"records": await m.list.remote(request.get("limit", 50))}
+        if op == "export":
+            return {"records": await m.list.remote(0)}
+        if op == "search":
+            return {"records": await m.search.remote(request["query"], request.get("limit", 10))}
+        if op == "show":
+            record = await m.show.remote(request["target"])
+            if record is None:
+                raise ProtocolError("not_found", f"no memory with id {request['target']!r}", rid)
+            return {"records": [record]}
+        if op == "forget":
+            if not await m.forget.remote(request["target"]):
+                raise ProtocolError("not_found", f"no memory with id {request['target']!r}", rid)
+            return {"forgotten": 1}
+        if op == "forget_all":
+            return {"forgotten": await m.forget_all.remote()}
+        return {"imported": await m.import_records.remote(request["records"])}  # op == "import"
 
     def new_ask(self, request: dict[str, Any]) -> Any:
         return self.orchestrator.new_ask(request)
@@ -104,8 +138,12 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
+        from mirador.actors.memory import MemoryStore
+
         server = None
         self.metrics = MetricsStore(self.paths.data / "metrics.sqlite3")
+        if self.config.memory.enabled:
+            self.memory = MemoryStore.remote(str(self.paths.data / "memory"))
         try:
             def manifest(models: tuple[str, ...]) -> list[dict[str, Any]]:
                 return [dataclasses.asdict(self.config.models[m]) for m in models]
@@ -113,7 +151,7 @@ class Daemon:
             for name, stage in self.config.stages.items():
                 self.actors[name] = StageActor.remote(name, manifest(stage.models), stage.confidence_prior)
             stage_actors = dict(self.actors)
-            self.orchestrator = Orchestrator(self.config, self.actors, self._record)
+            self.orchestrator = Orchestrator(self.config, self.actors, self.memory, self._record)
             for chain in self.config.chains.values():  # chain models no stage serves get an actor, loaded on use
                 for step in chain.steps:
                     key = self.orchestrator.actor_for_model(step.model)
@@ -121,6 +159,8 @@ class Daemon:
                         self.actors[key] = StageActor.remote(key, manifest((step.model,)), 0.6)
             loads = await asyncio.gather(*(actor.load.remote(self.config.stages[name].system_prompt)
                                            for name, actor in stage_actors.items()))
+            if self.memory is not None:
+                log.info("memory: %d memories in %s", (await self.memory.stats.remote())["memories"], self.paths.data / "memory")
             for name, loaded in zip(stage_actors, loads):
                 info = await self.actors[name].info.remote()
                 if loaded:
@@ -138,7 +178,7 @@ class Daemon:
         finally:
             if server is not None:
                 await server.close()
-            for actor in self.actors.values():
+            for actor in [*self.actors.values(), *filter(None, [self.memory])]:
                 ray.kill(actor)
             if self.ray_started:
                 ray.shutdown()

@@ -46,6 +46,7 @@ class Step:
     timeout_s: float
     after_first_token_of: str | None = None
     needs: tuple[str, ...] = ()
+    memory: bool = False  # receives recalled memories and the session's history
 
 
 @dataclass
@@ -63,15 +64,23 @@ class Ask:
     steps: list[Step]
     route: Route
     mode: str  # progressive | sequential | chain
+    session: str | None = None
+    use_memory: bool = True  # False: incognito, nothing read or written
     query_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
+    memories: list[dict[str, Any]] = field(default_factory=list)  # recalled for this question
+    history: list[dict[str, Any]] = field(default_factory=list)  # the session's earlier turns
     cancelled: bool = False
     running: dict[str, Any] = field(default_factory=dict)  # step -> actor generating for it
     errors: list[dict[str, str]] = field(default_factory=list)  # {stage, model, code} for metrics
 
 
-def build_messages(system_prompt: str, question: str, previous: dict[str, str]) -> list[dict[str, str]]:
-    """The system prompt goes first and never changes, so llama.cpp reuses its KV cache for it."""
+def build_messages(system_prompt: str, question: str, previous: dict[str, str],
+                   history: list[dict[str, Any]] = ()) -> list[dict[str, str]]:
+    """The system prompt goes first and never changes, so llama.cpp reuses its KV cache for it;
+    then the session's earlier turns, then the question (with earlier stages' answers)."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    for turn in history:
+        messages += [{"role": "user", "content": turn["question"]}, {"role": "assistant", "content": turn["answer"]}]
     if not previous:
         return messages + [{"role": "user", "content": question}]
     context = "".join(f"## {name} answer\n{text.strip()}\n\n" for name, text in previous.items())
@@ -79,21 +88,24 @@ def build_messages(system_prompt: str, question: str, previous: dict[str, str]) 
 
 
 class Orchestrator:
-    def __init__(self, config: Config, actors: dict[str, Any], on_done: Callable[[Ask, dict[str, Any]], None] | None = None):
+    def __init__(self, config: Config, actors: dict[str, Any], memory: Any = None,
+                 on_done: Callable[[Ask, dict[str, Any]], None] | None = None):
         self.config = config
         self.actors = actors  # actor key (stage name, or "model:NAME" for chain-only models) -> handle
+        self.memory = memory  # the MemoryStore actor, None when memory is off
         self.on_done = on_done
 
     # -- planning ------------------------------------------------------------------------
     def new_ask(self, request: dict[str, Any]) -> Ask:
         rid, text = request["id"], request["text"]
         options = request.get("options") or {}
+        recall = {"session": request.get("session"), "use_memory": self.memory is not None and request.get("memory", True)}
         chain, requested = request.get("chain"), request.get("stages")
         if chain:
             if chain not in self.config.chains:
                 raise ProtocolError("unknown_chain", f"unknown chain {chain!r}; configured chains: {', '.join(self.config.chains) or 'none'}", rid)
             steps = [self._chain_step(step, options) for step in self.config.chains[chain].steps]
-            return Ask(rid, text, steps, Route("chain", 0, f"chain {chain}"), "chain")
+            return Ask(rid, text, steps, Route("chain", 0, f"chain {chain}"), "chain", **recall)
         if requested:
             unknown = [s for s in requested if s not in self.config.stages]
             if unknown:
@@ -108,16 +120,17 @@ class Orchestrator:
             route = classify(text)
             names = list(self.config.routes.get(route.kind, self.config.stages))
         steps = [self._stage_step(name, options) for name in names]
-        return Ask(rid, text, steps, route, "sequential" if request.get("sequential") else "progressive")
+        return Ask(rid, text, steps, route, "sequential" if request.get("sequential") else "progressive", **recall)
 
     def _stage_step(self, name: str, options: dict[str, Any]) -> Step:
         stage = self.config.stages[name]
         return Step(name, name, stage.models, stage.system_prompt, options.get("max_tokens", stage.max_tokens),
-                    options.get("temperature", stage.temperature), stage.timeout_s, stage.after_first_token_of, stage.needs)
+                    options.get("temperature", stage.temperature), stage.timeout_s, stage.after_first_token_of, stage.needs,
+                    stage.memory)
 
     def _chain_step(self, step: Any, options: dict[str, Any]) -> Step:
         return Step(step.name, self.actor_for_model(step.model), (step.model,), step.prompt,
-                    options.get("max_tokens", 256), options.get("temperature", 0.5), 300.0)
+                    options.get("max_tokens", 256), options.get("temperature", 0.5), 300.0, memory=True)
 
     def actor_for_model(self, model: str) -> str:
         """The key of an actor that can run ``model``: a stage's, else one of its own."""
@@ -135,7 +148,9 @@ class Orchestrator:
     async def run(self, ask: Ask, emit: Emit) -> None:
         started = time.perf_counter()
         await emit("start", query_id=ask.query_id, route=ask.route.kind, reason=ask.route.reason,
-                   mode=ask.mode, stages=[s.name for s in ask.steps])
+                   mode=ask.mode, stages=[s.name for s in ask.steps], session=ask.session)
+        if ask.use_memory:
+            await self._recall(ask, emit)
         if ask.mode == "progressive":
             results = await self._run_progressive(ask, emit)
         else:
@@ -146,9 +161,48 @@ class Orchestrator:
                 results[step.name] = await self._run_step(step, ask, emit, dict((k, r.text) for k, r in results.items()))
         metrics = {"duration_s": round(time.perf_counter() - started, 6),
                    "stages": {name: r.stats for name, r in results.items()}, "errors": ask.errors}
-        await emit("done", final=True, query_id=ask.query_id, cancelled=ask.cancelled, metrics=metrics)
+        # The answer is complete for the user at `done`; storing it (a durable write, ~0.3 s
+        # here) follows, and `remembered` acknowledges it once it is on disk.
+        exchange = self._exchange(ask, results) if ask.use_memory and not ask.cancelled else None
+        await emit("done", final=exchange is None, query_id=ask.query_id, cancelled=ask.cancelled, metrics=metrics)
         if self.on_done:
             self.on_done(ask, metrics)
+        if exchange is not None:
+            try:
+                memory_id = await self.memory.remember.remote(exchange)
+            except ray.exceptions.RayError as exc:
+                log.error("could not remember %s: %s", ask.query_id, exc)
+                await emit("error", final=True, code="memory_unavailable",
+                           message=f"this exchange could not be stored: {type(exc).__name__}")
+                return
+            await emit("remembered", final=True, query_id=ask.query_id, memory_id=memory_id)
+
+    async def _recall(self, ask: Ask, emit: Emit) -> None:
+        """Memories like the question, and the session's last turns, before any stage starts."""
+        mem = self.config.memory
+        try:
+            recalled, ask.history = await asyncio.gather(
+                self.memory.recall.remote(ask.text, mem.recall_k, mem.min_similarity),
+                self.memory.session_turns.remote(ask.session, mem.session_turns) if ask.session else asyncio.sleep(0, []),
+            )
+            in_history = {turn["id"] for turn in ask.history}
+            ask.memories = [m for m in recalled if m["id"] not in in_history]
+        except ray.exceptions.RayError as exc:
+            log.error("recall failed: %s", exc)
+            await emit("error", code="memory_unavailable", message=f"memory could not be read: {type(exc).__name__}")
+            return
+        await emit("memory", recalled=[{"id": m["id"], "question": m["question"], "similarity": m["similarity"]}
+                                       for m in ask.memories], history=len(ask.history))
+
+    @staticmethod
+    def _exchange(ask: Ask, results: dict[str, StepResult]) -> dict[str, Any] | None:
+        """What memory keeps of a question: it and the last stage's answer (None if no answer)."""
+        answer = next((r.text for r in reversed(results.values()) if r.text.strip()), "")
+        if not answer:
+            return None
+        return {"query_id": ask.query_id, "question": ask.text, "answer": answer, "route": ask.route.kind,
+                "models": sorted({r.stats.get("model") for r in results.values() if r.stats.get("model")}),
+                "session": ask.session or "", "ts": time.time()}
 
     async def _run_progressive(self, ask: Ask, emit: Emit) -> dict[str, StepResult]:
         in_plan = {s.name for s in ask.steps}
@@ -192,9 +246,11 @@ class Orchestrator:
         end: dict[str, Any] | None = None
         ask.running[step.name] = actor
         # The actor starts on the prompt first; the stage_start frame goes out while it works.
+        remembered = step.memory and ask.use_memory
         stream = actor.generate.options(num_returns="streaming").remote(
-            ask.query_id, build_messages(step.system_prompt, ask.text, previous),
+            ask.query_id, build_messages(step.system_prompt, ask.text, previous, ask.history if remembered else ()),
             step.max_tokens, step.temperature, list(step.models),
+            ask.memories if remembered else None, self.config.memory.context_tokens,
         )
         try:
             await emit("stage_start", stage=step.name, model=model)
@@ -209,6 +265,8 @@ class Orchestrator:
                                    confidence=item["confidence"], logprob=item["logprob"])
                     elif "model" in item and len(item) == 1:
                         model = item["model"]
+                    elif "context" in item:
+                        await emit("context", stage=step.name, memory_ids=item["context"])
                     elif "error" in item:
                         log.warning("stage %s (%s) failed: %s", step.name, item["model"], item["message"])
                         await error(item["error"], item["message"], item["model"])

@@ -38,6 +38,7 @@ class App(Protocol):
     def pong(self) -> dict[str, Any]: ...
     async def status(self) -> dict[str, Any]: ...
     async def stats(self) -> dict[str, Any]: ...
+    async def memory_op(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
     def new_ask(self, request: dict[str, Any]) -> Any: ...  # raises ProtocolError
     async def run_ask(self, ask: Any, emit: Emit) -> None: ...
     def cancel_ask(self, ask: Any) -> None: ...
@@ -152,8 +153,12 @@ class Server:
         rid, type_ = request["id"], request["type"]
         if type_ == "ping":
             self._reply_soon(ident, outbox, protocol.reply(rid, "pong", final=True, **self.app.pong()))
-        elif type_ in ("status", "stats"):
-            self._spawn(self._report(ident, outbox, rid, type_))
+        elif type_ == "status":
+            self._spawn(self._report(ident, outbox, rid, type_, self.app.status()))
+        elif type_ == "stats":
+            self._spawn(self._report(ident, outbox, rid, type_, self.app.stats()))
+        elif type_ == "memory":
+            self._spawn(self._report(ident, outbox, rid, type_, self.app.memory_op(request)))
         elif type_ == "cancel":
             entry = self._asks.get((ident, request["target"]))
             if entry:
@@ -182,10 +187,12 @@ class Server:
 
         self._spawn(send())
 
-    async def _report(self, ident: bytes, outbox: Outbox, rid: str, kind: str) -> None:
-        """Answer ``status`` or ``stats``: one reply of the same name."""
+    async def _report(self, ident: bytes, outbox: Outbox, rid: str, kind: str, result: Awaitable[dict[str, Any]]) -> None:
+        """Answer a one-reply request (status, stats, memory) with a reply of the same name."""
         try:
-            payload = protocol.reply(rid, kind, final=True, **await getattr(self.app, kind)())
+            payload = protocol.reply(rid, kind, final=True, **await result)
+        except ProtocolError as exc:
+            payload = protocol.error_reply(exc)
         except Exception as exc:
             log.exception("%s failed", kind)
             payload = protocol.error_reply(ProtocolError("internal", f"{kind} failed: {exc}", rid))

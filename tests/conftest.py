@@ -61,6 +61,12 @@ def home():
     shutil.rmtree(h.root, ignore_errors=True)
 
 
+def done_event(events: list[dict]) -> dict:
+    """The ``done`` of an ask's events (a ``remembered`` acknowledgement may follow it)."""
+    (done,) = [e for e in events if e["event"] == "done"]
+    return done
+
+
 @dataclass
 class Daemon:
     home: Home

@@ -15,7 +15,7 @@ import zmq
 from mirador.client import AsyncClient
 from mirador.client import protocol
 
-from .conftest import BIN
+from .conftest import BIN, done_event
 
 LONG = "Write a long, detailed essay about the history of astronomy, from ancient times to today."
 
@@ -37,9 +37,10 @@ def test_ask_streams_tokens_with_stage_model_confidence(daemon):
         events = collect(client, "Tell me about the ocean.", max_tokens=40)
     assert events[0]["route"] == "simple" and events[0]["stages"] == ["quick"]
     kinds = [e["event"] for e in events]
-    assert kinds[0] == "start" and kinds[-1] == "done"
+    assert kinds[0] == "start" and kinds[-2:] == ["done", "remembered"]
     assert kinds.index("stage_start") < kinds.index("token") < kinds.index("stage_end")
     assert events[-1]["final"] is True and not any(e["final"] for e in events[:-1])
+    assert events[-1]["memory_id"] == events[0]["query_id"]  # stored, then acknowledged
     tokens = [e for e in events if e["event"] == "token"]
     assert len(tokens) >= 20
     for tok in tokens:
@@ -53,17 +54,17 @@ def test_ask_streams_tokens_with_stage_model_confidence(daemon):
     assert tokens[-1]["t"] - tokens[0]["t"] > 0.05
     end = next(e for e in events if e["event"] == "stage_end")
     assert end["tokens"] == len(tokens) and end["first_token_s"] > 0
-    assert events[-1]["metrics"]["stages"]["quick"]["tokens"] == len(tokens)
-    assert events[0]["query_id"] == events[-1]["query_id"]
+    assert done_event(events)["metrics"]["stages"]["quick"]["tokens"] == len(tokens)
+    assert events[0]["query_id"] == done_event(events)["query_id"]
 
 
 def test_cli_json_prints_ndjson_events(daemon):
     result = daemon.home.mirador("ask", "--json", "--stages", "quick", "--max-tokens", "24", "What is a star?")
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [e["event"] for e in events][:2] == ["start", "stage_start"]
+    assert [e["event"] for e in events][:3] == ["start", "memory", "stage_start"]
     assert events[0]["stages"] == ["quick"] and events[0]["route"] == "requested"
-    assert events[-1]["event"] == "done"
+    assert events[-1]["event"] == "remembered" and done_event(events)
     tokens = [e for e in events if e["event"] == "token"]
     assert 1 <= len(tokens) <= 24
     assert all({"stage", "model", "text", "confidence", "t"} <= e.keys() for e in tokens)
@@ -144,7 +145,7 @@ def test_two_clients_at_once_both_complete(daemon):
 
     first, second = asyncio.run(both())
     for events in (first, second):
-        assert events[-1]["event"] == "done" and not events[-1]["cancelled"]
+        assert not done_event(events)["cancelled"]
         assert sum(e["event"] == "token" for e in events) > 0
     assert first[0]["query_id"] != second[0]["query_id"]
 
@@ -181,7 +182,7 @@ def test_bad_frames_get_errors_and_daemon_keeps_serving(daemon, frames, code):
     assert reply["code"] == code and reply["message"]
     with daemon.home.client(idle_timeout=60) as client:
         events = collect(client, "Say hi.", max_tokens=4)
-    assert events[-1]["event"] == "done" and any(e["event"] == "token" for e in events)
+    assert done_event(events) and any(e["event"] == "token" for e in events)
 
 
 def test_failed_generation_is_reported_and_the_stage_survives(daemon):
@@ -190,7 +191,7 @@ def test_failed_generation_is_reported_and_the_stage_survives(daemon):
         events = collect(client, huge)
         error = next(e for e in events if e["event"] == "error")
         assert error["stage"] == "quick" and error["code"] == "model_error" and "context window" in error["message"]
-        assert events[-1]["event"] == "done"
+        assert done_event(events)
         again = collect(client, "Say hi.", max_tokens=4)
     assert any(e["event"] == "token" for e in again)
 

@@ -28,7 +28,7 @@ def test_autostart_then_stop_removes_socket(home):
     assert result.returncode == 0, result.stderr
     assert "starting miradord in the background" in result.stderr
     events = [json.loads(line) for line in result.stdout.splitlines()]
-    assert events[-1]["event"] == "done" and any(e["event"] == "token" for e in events)
+    assert events[-1]["event"] == "remembered" and any(e["event"] == "token" for e in events)
 
     # The daemon keeps running for the next question; its files follow the XDG contract.
     pid = daemon_control.running_pid(paths)
@@ -54,10 +54,15 @@ def test_autostart_then_stop_removes_socket(home):
 
 def test_daemon_killed_mid_answer_is_reported_and_replaced(home):
     paths = home.paths
+    home.env["MIRADOR_MEMORY__ENABLED"] = "false"  # also: a daemon without memory
     started = home.mirador("daemon", "start")
     assert started.returncode == 0 and "started" in started.stdout, started.stderr
     assert "already running" in home.mirador("daemon", "start").stdout
     pid = daemon_control.running_pid(paths)
+    assert "memory:  off" in home.mirador("status").stdout
+    off = home.mirador("memory", "list")
+    assert off.returncode == 1 and "memory is off" in off.stderr
+    assert not (paths.data / "memory").exists()
 
     with home.client(idle_timeout=60) as client:
         events = client.ask("Write a long story about a lighthouse keeper.", max_tokens=1500)

@@ -9,7 +9,7 @@ import pytest
 
 from mirador.runtime.router import classify
 
-from .conftest import make_home, start_daemon, stop_daemon
+from .conftest import done_event, make_home, start_daemon, stop_daemon
 
 COMPLEX = ("Compare PostgreSQL and MongoDB for a distributed architecture: what are the trade-offs "
            "in latency and scalability, and which should a small team pick?")
@@ -73,7 +73,7 @@ def test_complex_question_runs_all_stages_with_deep_overlapping_quick(daemon):
         confidences = [t["confidence"] for t in tokens if t["stage"] == stage]
         assert all(0.0 <= c <= 1.0 for c in confidences)
         assert len({round(c, 3) for c in confidences}) > 3  # varies within the stage
-    assert events[-1]["event"] == "done" and set(events[-1]["metrics"]["stages"]) == {"quick", "deep", "synthesis"}
+    assert set(done_event(events)["metrics"]["stages"]) == {"quick", "deep", "synthesis"}
 
 
 def test_simple_question_gets_only_quick(daemon):
@@ -120,7 +120,7 @@ def test_missing_model_falls_back_or_skips_the_stage_and_the_answer_completes(da
     assert {t["model"] for t in tokens if t["stage"] == "fallback"} == {"smollm2-135m"}  # the fallback answered
     ends = by_stage(events, "stage_end")
     assert ends["ghostly"]["tokens"] == 0 and ends["quick"]["tokens"] > 0 and ends["fallback"]["tokens"] > 0
-    assert events[-1]["event"] == "done"
+    assert done_event(events)
 
 
 def test_a_stage_that_times_out_is_stopped_with_an_error(daemon):
@@ -128,7 +128,7 @@ def test_a_stage_that_times_out_is_stopped_with_an_error(daemon):
     (error,) = [e for e in events if e["event"] == "error"]
     assert error["stage"] == "hasty" and error["code"] == "timeout"
     assert by_stage(events, "stage_end")["hasty"]["tokens"] < 400
-    assert events[-1]["event"] == "done" and by_stage(events, "stage_end")["quick"]["tokens"] > 0
+    assert done_event(events) and by_stage(events, "stage_end")["quick"]["tokens"] > 0
 
 
 def test_stats_reflect_the_queries_just_made(daemon):
