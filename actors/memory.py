@@ -25,13 +25,14 @@ def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
-class MemoryStore:
+class Memories:
+    """The store itself; ``MemoryStore`` below is this class as a Ray actor."""
+
     def __init__(self, path: str):
+        from .embedding import MiniLMEmbedding  # first: it turns onnxruntime's telemetry off before anything imports it
+
         import chromadb
         from chromadb.config import Settings
-
-        from .embedding import MiniLMEmbedding
 
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -61,7 +62,8 @@ class MemoryStore:
         """Store one exchange {query_id, question, answer, route, models, session}; returns its id once written."""
         meta = {k: exchange.get(k) or "" for k in METADATA_KEYS}
         meta["ts"] = float(exchange.get("ts") or time.time())
-        meta["models"] = ",".join(exchange.get("models") or []) if not isinstance(meta["models"], str) else meta["models"]
+        models = exchange.get("models") or ""
+        meta["models"] = models if isinstance(models, str) else ",".join(models)  # Chroma keeps scalars only
         self._col.upsert(ids=[meta["query_id"]], documents=[self._document(meta["question"], meta["answer"])], metadatas=[meta])
         return meta["query_id"]
 
@@ -126,3 +128,6 @@ class MemoryStore:
 
     def stats(self) -> dict[str, Any]:
         return {"memories": self._col.count(), "bytes": _size(self.path), "path": str(self.path)}
+
+
+MemoryStore = ray.remote(num_cpus=0, max_concurrency=4)(Memories)

@@ -74,7 +74,7 @@ class ChainConfig:
 class MemoryConfig:
     enabled: bool = True
     recall_k: int = 4
-    min_similarity: float = 0.3
+    min_similarity: float = 0.4
     context_tokens: int = 256
     session_turns: int = 4
 
@@ -227,7 +227,7 @@ def _memory(m: dict[str, Any]) -> MemoryConfig:
         return MemoryConfig(
             enabled=bool(m.get("enabled", True)),
             recall_k=int(m.get("recall_k", 4)),
-            min_similarity=float(m.get("min_similarity", 0.3)),
+            min_similarity=float(m.get("min_similarity", 0.4)),
             context_tokens=int(m.get("context_tokens", 256)),
             session_turns=int(m.get("session_turns", 4)),
         )

@@ -181,10 +181,9 @@ class Orchestrator:
         """Memories like the question, and the session's last turns, before any stage starts."""
         mem = self.config.memory
         try:
-            recalled, ask.history = await asyncio.gather(
-                self.memory.recall.remote(ask.text, mem.recall_k, mem.min_similarity),
-                self.memory.session_turns.remote(ask.session, mem.session_turns) if ask.session else asyncio.sleep(0, []),
-            )
+            turns = self.memory.session_turns.remote(ask.session, mem.session_turns) if ask.session else None
+            recalled = await self.memory.recall.remote(ask.text, mem.recall_k, mem.min_similarity)
+            ask.history = await turns if turns is not None else []
             in_history = {turn["id"] for turn in ask.history}
             ask.memories = [m for m in recalled if m["id"] not in in_history]
         except ray.exceptions.RayError as exc:

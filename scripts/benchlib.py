@@ -24,13 +24,18 @@ def summary(values: list[float]) -> dict[str, float]:
     return {"p50": statistics.median(values), "p95": pct(values, 0.95), "mean": statistics.fmean(values)}
 
 
+def new_home() -> Path:
+    return Path(tempfile.mkdtemp(prefix="mrb-", dir="/tmp"))
+
+
 @contextlib.contextmanager
-def private_daemon(extra_env: dict[str, str] | None = None) -> Iterator[tuple[dict[str, str], object]]:
-    """A miradord in a throw-away MIRADOR_HOME; yields (env, paths). MIRADOR_* config vars apply."""
+def private_daemon(extra_env: dict[str, str] | None = None, home: Path | None = None) -> Iterator[tuple[dict[str, str], object]]:
+    """A miradord in a throw-away MIRADOR_HOME (``home``, or a new one; removed afterwards);
+    yields (env, paths). MIRADOR_* config vars apply."""
     from mirador.client import daemon_control
     from mirador.client.paths import Paths
 
-    home = Path(tempfile.mkdtemp(prefix="mrb-", dir="/tmp"))
+    home = home or new_home()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
     env.update(extra_env or {}, MIRADOR_HOME=str(home))
     paths = Paths.from_env(env)
