@@ -93,7 +93,7 @@ def main() -> None:
                 result[f"{label}_recall_in_daemon_ms"] = summary([m for _, m in on])
 
     print(f"\n{args.memories} memories\n")
-    print(f"embedding throughput: {result['embed_docs_per_s']:.0f} docs/s (batches of 2000, 1 thread)")
+    print(f"embedding throughput: {result['embed_docs_per_s']:.0f} docs/s (2,000 documents in batches of 32, 1 thread)")
     print(f"store: {result['bytes'] / 1e6:.1f} MB, {result['bytes_per_1000'] / 1e6:.2f} MB per 1,000 memories; "
           f"writing {args.memories} took {result['store_s']:.1f} s")
     rows = [("recall at 1,000 (in-process, query embedding included)", "recall_ms_at_1000"),
