@@ -142,7 +142,8 @@ def _status_text(status: dict[str, Any]) -> str:
         f"socket:  {status['socket']}",
         f"log:     {status['log']}",
         "memory:  " + (f"{status['memory'].get('memories', '?')} memories, {status['memory'].get('bytes', 0) / 1e6:.1f} MB"
-                       f" in {status['memory'].get('path')}" if status["memory"].get("enabled") else "off"),
+                       f" in {status['memory'].get('path')}" if status["memory"].get("enabled")
+                       else f"unavailable: {status['memory']['error']}" if status["memory"].get("error") else "off"),
         "actors:",
     ]
     for actor in status["actors"]:

@@ -44,6 +44,7 @@ class Daemon:
         self.ray_started = False
         self.actors: dict[str, Any] = {}
         self.memory: Any = None  # the MemoryStore actor, when memory is on
+        self.memory_error: str | None = None  # why memory is off although configured on
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -59,7 +60,7 @@ class Daemon:
                 return {"name": name, "stage": key, "loaded": False, "error": f"not responding ({type(exc).__name__})"}
 
         actors = await asyncio.gather(*(one(s, a) for s, a in self.actors.items()))
-        memory: dict[str, Any] = {"enabled": False}
+        memory: dict[str, Any] = {"enabled": False, "error": self.memory_error}
         if self.memory is not None:
             try:
                 memory = {"enabled": True, **await asyncio.wait_for(self.memory.stats.remote(), 10)}
@@ -86,7 +87,8 @@ class Daemon:
         """The user's controls over what is remembered (``memory`` requests)."""
         rid, op, m = request["id"], request["op"], self.memory
         if m is None:
-            raise ProtocolError("memory_disabled", "memory is off (memory.enabled = false in mirador.toml)", rid)
+            why = f"memory is unavailable: {self.memory_error}" if self.memory_error else "memory is off (memory.enabled = false in mirador.toml)"
+            raise ProtocolError("memory_disabled", why, rid)
         if op == "list":
             return {"records": await m.list.remote(request.get("limit", 50))}
         if op == "export":
@@ -122,6 +124,7 @@ class Daemon:
     async def run(self) -> None:
         import ray
 
+        from mirador.actors.memory import MemoryStore
         from mirador.actors.stage import StageActor
 
         from .metrics import MetricsStore
@@ -138,8 +141,6 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-        from mirador.actors.memory import MemoryStore
-
         server = None
         self.metrics = MetricsStore(self.paths.data / "metrics.sqlite3")
         if self.config.memory.enabled:
@@ -151,17 +152,23 @@ class Daemon:
             for name, stage in self.config.stages.items():
                 self.actors[name] = StageActor.remote(name, manifest(stage.models), stage.confidence_prior)
             stage_actors = dict(self.actors)
+            loads = asyncio.gather(*(actor.load.remote(self.config.stages[name].system_prompt)
+                                     for name, actor in stage_actors.items()))
+            if self.memory is not None:
+                try:
+                    stats = await self.memory.stats.remote()
+                    log.info("memory: %d memories in %s", stats["memories"], stats["path"])
+                except ray.exceptions.RayError as exc:  # answer without memory rather than not at all
+                    log.error("memory is unavailable, answering without it: %s", exc)
+                    ray.kill(self.memory)
+                    self.memory, self.memory_error = None, str(exc).splitlines()[-1]
             self.orchestrator = Orchestrator(self.config, self.actors, self.memory, self._record)
             for chain in self.config.chains.values():  # chain models no stage serves get an actor, loaded on use
                 for step in chain.steps:
                     key = self.orchestrator.actor_for_model(step.model)
                     if key not in self.actors:
                         self.actors[key] = StageActor.remote(key, manifest((step.model,)), 0.6)
-            loads = await asyncio.gather(*(actor.load.remote(self.config.stages[name].system_prompt)
-                                           for name, actor in stage_actors.items()))
-            if self.memory is not None:
-                log.info("memory: %d memories in %s", (await self.memory.stats.remote())["memories"], self.paths.data / "memory")
-            for name, loaded in zip(stage_actors, loads):
+            for name, loaded in zip(stage_actors, await loads):
                 info = await self.actors[name].info.remote()
                 if loaded:
                     log.info("stage %s: %s loaded", name, info["model"])

@@ -135,3 +135,18 @@ def test_acknowledged_exchanges_survive_sigkill_and_restart(home):
         assert memory_id in [m["id"] for m in recalled]
     finally:
         stop_daemon(d)
+
+
+def test_a_broken_store_leaves_the_daemon_answering_without_memory(home):
+    home.paths.ensure()
+    (home.paths.data / "memory").write_text("not a directory")  # Chroma cannot open its store here
+    d = start_daemon(home)
+    try:
+        assert "memory:  unavailable:" in home.mirador("status").stdout
+        events = ask(home, "Say hello.")
+        assert event(events, "token") and event(events, "memory") is None and events[-1]["event"] == "done"
+        refused = home.mirador("memory", "list")
+        assert refused.returncode == 1 and "memory is unavailable" in refused.stderr
+    finally:
+        stop_daemon(d)
+    assert (home.paths.data / "memory").read_text() == "not a directory"  # nothing of the user's was touched
