@@ -175,6 +175,13 @@ class Client(_Requests):
         """A memory control: list, search (query=), show/forget (target=), forget_all, export, import (records=)."""
         return self._call("memory", timeout, op=op, **fields)
 
+    def rate(self, score: int, query_id: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        """Rate an answer 1-5 (default: the last one); the learner uses it to pick plans."""
+        return self._call("rate", timeout, score=score, **({"query_id": query_id} if query_id else {}))
+
+    def learn(self, op: str = "stats", timeout: float = 10.0) -> dict[str, Any]:
+        return self._call("learn", timeout, op=op)
+
     def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return self._call("cancel", timeout, target=target)
 
@@ -278,6 +285,12 @@ class AsyncClient(_Requests):
 
     async def memory(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
         return await self._call("memory", timeout, op=op, **fields)
+
+    async def rate(self, score: int, query_id: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
+        return await self._call("rate", timeout, score=score, **({"query_id": query_id} if query_id else {}))
+
+    async def learn(self, op: str = "stats", timeout: float = 10.0) -> dict[str, Any]:
+        return await self._call("learn", timeout, op=op)
 
     async def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return await self._call("cancel", timeout, target=target)

@@ -97,6 +97,8 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
                 if renderer:
                     renderer.handle(event)
                     if event.get("event") == "done":
+                        if sys.stderr.isatty() and not no_memory and not event.get("cancelled"):
+                            click.secho("rate this answer: mirador rate 1-5", err=True, dim=True)
                         break  # the answer is complete; the daemon stores it without us
                 else:
                     click.echo(json.dumps(event, ensure_ascii=False))
@@ -198,6 +200,45 @@ def stats(as_json: bool) -> None:
     lines = [f"{result['queries']} questions ({routes}); {result['errors']} stage errors", ""]
     lines += _stats_table(result["stages"], "stage") + [""] + _stats_table(result["models"], "model")
     click.echo("\n".join(lines))
+
+
+@main.command()
+@click.argument("score", type=click.IntRange(1, 5))
+@click.argument("query_id", required=False)
+def rate(score: int, query_id: str | None) -> None:
+    """Rate an answer from 1 (bad) to 5 (great); QUERY_ID defaults to the last answer."""
+    rated = _query("rate", score, query_id)
+    click.echo(f"rated {rated['query_id']} {rated['rating']}/5 ({rated['type']}, plan {rated['plan']})")
+
+
+@main.group()
+def learn() -> None:
+    """What Mirador has learned from your ratings."""
+
+
+@learn.command("stats")
+@click.option("--json", "as_json", is_flag=True)
+def learn_stats(as_json: bool) -> None:
+    """Per question type: the plans rated, how often, and their mean rating."""
+    types = _query("learn", "stats")["types"]
+    if as_json:
+        click.echo(json.dumps(types, indent=2))
+        return
+    if not types:
+        click.echo("no ratings yet: rate answers with `mirador rate 1-5`")
+    for entry in types:
+        click.echo(entry["type"])
+        for plan in entry["plans"]:
+            click.echo(f"  {plan['plan']:<36} {plan['ratings']:>4} ratings  mean {plan['mean_rating']:.2f}")
+
+
+@learn.command("reset")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+def learn_reset(yes: bool) -> None:
+    """Forget every rating."""
+    if not yes:
+        click.confirm("Forget every rating?", abort=True)
+    click.echo(f"forgot {_query('learn', 'reset')['reset']} ratings")
 
 
 @main.group()

@@ -30,6 +30,8 @@ Requests (client -> daemon)
                   ``query`` (search), ``target`` (show, forget: a memory id), ``limit`` (list,
                   search), ``records`` (import: maps with id, question, answer and optionally
                   route, models, session, ts, as export gives them).
+      ``rate``    ``score`` (integer 1..5); ``query_id`` (optional: default, the last answer).
+      ``learn``   ``op``: stats | reset.
       ``ping``    no fields.
 
     Unknown extra keys are ignored, so newer clients can add optional fields.
@@ -41,7 +43,9 @@ Replies (daemon -> client)
     follows it. In order:
 
     ``ask``    ``start`` {query_id, route (simple | medium | complex | requested | chain),
-               reason, mode (progressive | sequential | chain), stages: [names], session};
+               reason, mode (progressive | sequential | chain), stages: [names], session, type
+               (what the learner keys on), plan, learned (null, or {plan, default, evidence}
+               when the user's ratings chose the plan)};
                unless incognito, ``memory`` {recalled: [{id, question, similarity}], history:
                n}; then, per stage, ``stage_start`` {stage, model}, ``context`` {stage,
                memory_ids} (the memories that stage was given), ``token`` {stage, model, text,
@@ -61,6 +65,8 @@ Replies (daemon -> client)
                model, fallbacks, backend, loaded, busy, node_id, pid}], memory: {enabled, memories,
                bytes, path}, routes, chains} (final).
     ``memory`` ``memory`` {records: [...]} or {forgotten: n} or {imported: n} (final).
+    ``rate``   ``rated`` {query_id, type, plan, rating} (final).
+    ``learn``  ``learn`` {types: [{type, plans: [{plan, ratings, mean_rating}]}]} or {reset: n}.
     ``stats``  ``stats`` {queries, routes, errors, stages: [...], models: [...]} (final): per
                stage and per model, runs and p50/p95 of first-token time and tokens/s.
     ``ping``   ``pong`` {pid, version, ready} (final). ``ready`` turns true once the stage
@@ -73,6 +79,7 @@ Replies (daemon -> client)
     ``bad_frame`` (not one msgpack map), ``bad_version``, ``bad_request`` (a field missing or
     of the wrong type), ``too_large`` (a frame over MAX_FRAME_BYTES), ``unknown_type``,
     ``unknown_stage``, ``unknown_chain``, ``duplicate_id``, ``not_found``, ``memory_disabled``,
+    ``learning_disabled``,
     ``shutting_down``, ``internal``.
     Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
     backend lacks it), ``backend_unavailable`` (e.g. Ollama is not running), ``timeout`` and
@@ -93,7 +100,7 @@ import msgpack
 VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 MAX_ID_CHARS = 64
-REQUEST_TYPES = ("ask", "cancel", "status", "stats", "memory", "ping")
+REQUEST_TYPES = ("ask", "cancel", "status", "stats", "memory", "rate", "learn", "ping")
 MEMORY_OPS = ("list", "search", "show", "forget", "forget_all", "export", "import")
 
 
@@ -159,6 +166,13 @@ def parse_request(frames: list[bytes]) -> dict[str, Any]:
         _check_ask(obj, rid)
     elif type_ == "memory":
         _check_memory(obj, rid)
+    elif type_ == "rate":
+        if type(obj.get("score")) is not int or not 1 <= obj["score"] <= 5:
+            raise ProtocolError("bad_request", "'rate' needs 'score': an integer from 1 to 5", rid)
+        if obj.get("query_id") is not None and not isinstance(obj["query_id"], str):
+            raise ProtocolError("bad_request", "'query_id' must be a string", rid)
+    elif type_ == "learn" and obj.get("op") not in ("stats", "reset"):
+        raise ProtocolError("bad_request", "'learn' needs 'op': stats or reset", rid)
     elif type_ == "cancel" and not isinstance(obj.get("target"), str):
         raise ProtocolError("bad_request", "'cancel' needs 'target': the id of the ask to cancel", rid)
     return obj

@@ -91,6 +91,7 @@ class Config:
     routes: dict[str, tuple[str, ...]]  # question class -> stages
     chains: dict[str, ChainConfig]
     memory: MemoryConfig
+    learning_enabled: bool
     raw: dict[str, Any]
 
 
@@ -183,6 +184,7 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
         routes=routes,
         chains=chains,
         memory=_memory(raw.get("memory", {})),
+        learning_enabled=bool(raw.get("learning", {}).get("enabled", True)),
         raw=raw,
     )
 

@@ -45,6 +45,7 @@ class Daemon:
         self.actors: dict[str, Any] = {}
         self.memory: Any = None  # the MemoryStore actor, when memory is on
         self.memory_error: str | None = None  # why memory is off although configured on
+        self.learner: Any = None  # the Learner actor, when learning is on
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -108,6 +109,32 @@ class Daemon:
             return {"forgotten": await m.forget_all.remote()}
         return {"imported": await m.import_records.remote(request["records"])}  # op == "import"
 
+    def _learner(self, rid: str) -> Any:
+        if self.learner is None:
+            raise ProtocolError("learning_disabled", "learning is off (learning.enabled = false in mirador.toml)", rid)
+        return self.learner
+
+    async def rate(self, request: dict[str, Any]) -> dict[str, Any]:
+        import ray  # imported where used: ray_boot configures it before the first import
+
+        rid, learner = request["id"], self._learner(request["id"])
+        query_id = request.get("query_id") or await learner.last_query.remote()
+        if query_id is None:
+            raise ProtocolError("not_found", "there is no answer to rate yet", rid)
+        try:
+            return await learner.rate.remote(query_id, request["score"])
+        except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, KeyError):
+                raise ProtocolError("not_found", f"no answered question with id {query_id!r} "
+                                    "(incognito questions are not learned from)", rid) from None
+            raise
+
+    async def learn(self, request: dict[str, Any]) -> dict[str, Any]:
+        learner = self._learner(request["id"])
+        if request["op"] == "reset":
+            return {"reset": await learner.reset.remote()}
+        return {"types": await learner.stats.remote()}
+
     def new_ask(self, request: dict[str, Any]) -> Any:
         return self.orchestrator.new_ask(request)
 
@@ -124,6 +151,7 @@ class Daemon:
     async def run(self) -> None:
         import ray
 
+        from mirador.actors.learner import Learner
         from mirador.actors.memory import MemoryStore
         from mirador.actors.stage import StageActor
 
@@ -145,6 +173,8 @@ class Daemon:
         self.metrics = MetricsStore(self.paths.data / "metrics.sqlite3")
         if self.config.memory.enabled:
             self.memory = MemoryStore.remote(str(self.paths.data / "memory"))
+        if self.config.learning_enabled:
+            self.learner = Learner.remote(str(self.paths.data / "learning.sqlite3"))
         try:
             def manifest(models: tuple[str, ...]) -> list[dict[str, Any]]:
                 return [dataclasses.asdict(self.config.models[m]) for m in models]
@@ -162,7 +192,7 @@ class Daemon:
                     log.error("memory is unavailable, answering without it: %s", exc)
                     ray.kill(self.memory)
                     self.memory, self.memory_error = None, str(exc).splitlines()[-1]
-            self.orchestrator = Orchestrator(self.config, self.actors, self.memory, self._record)
+            self.orchestrator = Orchestrator(self.config, self.actors, self.memory, self.learner, self._record)
             for chain in self.config.chains.values():  # chain models no stage serves get an actor, loaded on use
                 for step in chain.steps:
                     key = self.orchestrator.actor_for_model(step.model)
@@ -185,7 +215,7 @@ class Daemon:
         finally:
             if server is not None:
                 await server.close()
-            for actor in [*self.actors.values(), *filter(None, [self.memory])]:
+            for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner])]:
                 ray.kill(actor)
             if self.ray_started:
                 ray.shutdown()

@@ -27,7 +27,7 @@ import ray
 from mirador.client.protocol import ProtocolError
 
 from .config import Config
-from .router import Route, classify
+from .router import Route, classify, question_type
 from .server import Emit
 
 log = logging.getLogger("mirador.orchestrator")
@@ -65,7 +65,11 @@ class Ask:
     route: Route
     mode: str  # progressive | sequential | chain
     session: str | None = None
-    use_memory: bool = True  # False: incognito, nothing read or written
+    use_memory: bool = True  # False: incognito, nothing read, written or learned
+    qtype: str = ""  # what the learner keys on: router class + topic
+    plan: str = ""  # which plan answers: "quick+synthesis", "chain:NAME"
+    routed: bool = False  # the router chose the plan, so the learner may choose instead
+    options: dict[str, Any] = field(default_factory=dict)
     query_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     memories: list[dict[str, Any]] = field(default_factory=list)  # recalled for this question
     history: list[dict[str, Any]] = field(default_factory=list)  # the session's earlier turns
@@ -88,39 +92,57 @@ def build_messages(system_prompt: str, question: str, previous: dict[str, str],
 
 
 class Orchestrator:
-    def __init__(self, config: Config, actors: dict[str, Any], memory: Any = None,
+    def __init__(self, config: Config, actors: dict[str, Any], memory: Any = None, learner: Any = None,
                  on_done: Callable[[Ask, dict[str, Any]], None] | None = None):
         self.config = config
         self.actors = actors  # actor key (stage name, or "model:NAME" for chain-only models) -> handle
         self.memory = memory  # the MemoryStore actor, None when memory is off
+        self.learner = learner  # the Learner actor, None when learning is off
         self.on_done = on_done
 
     # -- planning ------------------------------------------------------------------------
     def new_ask(self, request: dict[str, Any]) -> Ask:
         rid, text = request["id"], request["text"]
-        options = request.get("options") or {}
-        recall = {"session": request.get("session"), "use_memory": self.memory is not None and request.get("memory", True)}
         chain, requested = request.get("chain"), request.get("stages")
+        if chain and chain not in self.config.chains:
+            raise ProtocolError("unknown_chain", f"unknown chain {chain!r}; configured chains: {', '.join(self.config.chains) or 'none'}", rid)
+        unknown = [s for s in requested or () if s not in self.config.stages]
+        if unknown:
+            raise ProtocolError(
+                "unknown_stage",
+                f"unknown stage {', '.join(map(repr, unknown))}; configured stages: {', '.join(self.config.stages)}",
+                rid,
+            )
+        routed = classify(text)
+        ask = Ask(rid, text, [], routed, "sequential" if request.get("sequential") else "progressive",
+                  session=request.get("session"), use_memory=request.get("memory", True),
+                  qtype=question_type(text, routed), options=request.get("options") or {})
         if chain:
-            if chain not in self.config.chains:
-                raise ProtocolError("unknown_chain", f"unknown chain {chain!r}; configured chains: {', '.join(self.config.chains) or 'none'}", rid)
-            steps = [self._chain_step(step, options) for step in self.config.chains[chain].steps]
-            return Ask(rid, text, steps, Route("chain", 0, f"chain {chain}"), "chain", **recall)
-        if requested:
-            unknown = [s for s in requested if s not in self.config.stages]
-            if unknown:
-                raise ProtocolError(
-                    "unknown_stage",
-                    f"unknown stage {', '.join(map(repr, unknown))}; configured stages: {', '.join(self.config.stages)}",
-                    rid,
-                )
-            names = [s for s in self.config.stages if s in requested]  # configured order
-            route = Route("requested", 0, "requested: " + ", ".join(names))
+            self._set_plan(ask, f"chain:{chain}")
+            ask.route = Route("chain", 0, f"chain {chain}")
+        elif requested:
+            self._set_plan(ask, "+".join(s for s in self.config.stages if s in requested))  # configured order
+            ask.route = Route("requested", 0, "requested: " + ask.plan.replace("+", ", "))
         else:
-            route = classify(text)
-            names = list(self.config.routes.get(route.kind, self.config.stages))
-        steps = [self._stage_step(name, options) for name in names]
-        return Ask(rid, text, steps, route, "sequential" if request.get("sequential") else "progressive", **recall)
+            self._set_plan(ask, self._default_plan(routed))
+            ask.routed = True
+        return ask
+
+    def _default_plan(self, route: Route) -> str:
+        return "+".join(self.config.routes.get(route.kind, self.config.stages))
+
+    def candidate_plans(self) -> list[str]:
+        """What the learner chooses among: every routing stage set, then every chain."""
+        plans = dict.fromkeys("+".join(stages) for stages in self.config.routes.values())
+        return [*plans, *(f"chain:{name}" for name in self.config.chains)]
+
+    def _set_plan(self, ask: Ask, plan: str) -> None:
+        ask.plan = plan
+        if plan.startswith("chain:"):
+            ask.mode = "chain"
+            ask.steps = [self._chain_step(step, ask.options) for step in self.config.chains[plan[len("chain:"):]].steps]
+        else:
+            ask.steps = [self._stage_step(name, ask.options) for name in plan.split("+")]
 
     def _stage_step(self, name: str, options: dict[str, Any]) -> Step:
         stage = self.config.stages[name]
@@ -147,9 +169,13 @@ class Orchestrator:
     # -- running -------------------------------------------------------------------------
     async def run(self, ask: Ask, emit: Emit) -> None:
         started = time.perf_counter()
-        await emit("start", query_id=ask.query_id, route=ask.route.kind, reason=ask.route.reason,
-                   mode=ask.mode, stages=[s.name for s in ask.steps], session=ask.session)
-        if ask.use_memory:
+        learning = self.learner is not None and ask.use_memory
+        learned = None
+        if learning and ask.routed:
+            learned = await self._learned_plan(ask)
+        await emit("start", query_id=ask.query_id, route=ask.route.kind, reason=ask.route.reason, mode=ask.mode,
+                   stages=[s.name for s in ask.steps], session=ask.session, type=ask.qtype, plan=ask.plan, learned=learned)
+        if ask.use_memory and self.memory is not None:
             await self._recall(ask, emit)
         if ask.mode == "progressive":
             results = await self._run_progressive(ask, emit)
@@ -163,10 +189,12 @@ class Orchestrator:
                    "stages": {name: r.stats for name, r in results.items()}, "errors": ask.errors}
         # The answer is complete for the user at `done`; storing it (a durable write, ~0.3 s
         # here) follows, and `remembered` acknowledges it once it is on disk.
-        exchange = self._exchange(ask, results) if ask.use_memory and not ask.cancelled else None
+        exchange = self._exchange(ask, results) if ask.use_memory and self.memory is not None and not ask.cancelled else None
         await emit("done", final=exchange is None, query_id=ask.query_id, cancelled=ask.cancelled, metrics=metrics)
         if self.on_done:
             self.on_done(ask, metrics)
+        if learning and not ask.cancelled:
+            self.learner.observe.remote(ask.query_id, ask.qtype, ask.plan)  # no text: type and plan only
         if exchange is not None:
             try:
                 memory_id = await self.memory.remember.remote(exchange)
@@ -176,6 +204,20 @@ class Orchestrator:
                            message=f"this exchange could not be stored: {type(exc).__name__}")
                 return
             await emit("remembered", final=True, query_id=ask.query_id, memory_id=memory_id)
+
+    async def _learned_plan(self, ask: Ask) -> dict[str, Any] | None:
+        """Ask the learner; switch plans when the user's ratings favour another one for this type."""
+        default = ask.plan
+        try:
+            choice = await self.learner.choose.remote(ask.qtype, self.candidate_plans(), default)
+        except ray.exceptions.RayError as exc:
+            log.error("the learner did not answer; using the router's plan: %s", exc)
+            return None
+        if not choice["learned"] or choice["plan"] not in self.candidate_plans():
+            return None
+        self._set_plan(ask, choice["plan"])
+        ask.route = Route(ask.route.kind, ask.route.score, f"{ask.route.reason}; learned: {choice['plan']} instead of {default}")
+        return {"plan": choice["plan"], "default": default, "evidence": choice["evidence"]}
 
     async def _recall(self, ask: Ask, emit: Emit) -> None:
         """Memories like the question, and the session's last turns, before any stage starts."""

@@ -67,3 +67,27 @@ def classify(question: str) -> Route:
         reasons.append("domain terms (" + ", ".join(sorted(domain)[:3]) + ")")
     kind = "simple" if score <= 1 else "medium" if score <= 3 else "complex"
     return Route(kind, score, f"{kind}: " + ("; ".join(reasons) if reasons else "short, single question"))
+
+
+TOPICS = {
+    "code": r"\b(code|python|javascript|rust|function|bug|compile\w*|api|sql|database|git|regex|program\w*|script)\b",
+    "math": r"\b(math|equation|integral|derivative|probability|statistic\w*|prime|algebra|calculate|sum of)\b",
+    "health": r"\b(health|symptom\w*|diet|sleep|exercise|doctor|medicine|pain|diagnos\w*)\b",
+    "money": r"\b(money|budget|invest\w*|tax\w*|mortgage|loan|salary|price|cost|portfolio)\b",
+    "travel": r"\b(travel|trip|flight|hotel|visa|holiday|vacation)\b",
+    "writing": r"\b(write|essay|poem|story|email|letter|summari[sz]e|translate|rewrite)\b",
+    "science": r"\b(physics|chemistry|biology|planet|atom|energy|climate|evolution|astronomy|sky)\b",
+}
+TOPIC_PATTERNS = {name: re.compile(pattern, re.IGNORECASE) for name, pattern in TOPICS.items()}
+
+
+def topic(question: str) -> str:
+    """A coarse topic from keywords: the one with most matches, else "general"."""
+    counts = {name: len(p.findall(question)) for name, p in TOPIC_PATTERNS.items()}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else "general"
+
+
+def question_type(question: str, route: Route) -> str:
+    """What the learner keys on: the router's class and the topic, e.g. "complex/code"."""
+    return f"{route.kind}/{topic(question)}"

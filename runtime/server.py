@@ -39,6 +39,8 @@ class App(Protocol):
     async def status(self) -> dict[str, Any]: ...
     async def stats(self) -> dict[str, Any]: ...
     async def memory_op(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
+    async def rate(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
+    async def learn(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
     def new_ask(self, request: dict[str, Any]) -> Any: ...  # raises ProtocolError
     async def run_ask(self, ask: Any, emit: Emit) -> None: ...
     def cancel_ask(self, ask: Any) -> None: ...
@@ -159,6 +161,10 @@ class Server:
             self._spawn(self._report(ident, outbox, rid, type_, self.app.stats()))
         elif type_ == "memory":
             self._spawn(self._report(ident, outbox, rid, type_, self.app.memory_op(request)))
+        elif type_ == "rate":
+            self._spawn(self._report(ident, outbox, rid, "rated", self.app.rate(request)))
+        elif type_ == "learn":
+            self._spawn(self._report(ident, outbox, rid, type_, self.app.learn(request)))
         elif type_ == "cancel":
             entry = self._asks.get((ident, request["target"]))
             if entry:

@@ -169,3 +169,32 @@ LABELLED = [
 @pytest.mark.parametrize("question, expected", LABELLED)
 def test_router_on_a_labelled_set(question, expected):
     assert classify(question).kind == expected
+
+
+def test_ratings_teach_the_daemon_a_better_plan_for_that_type_only(daemon):
+    home = daemon.home
+    first = ask(daemon, "What is the capital of France?", max_tokens=4)
+    assert first[0]["type"] == "simple/general" and first[0]["plan"] == "quick" and first[0]["learned"] is None
+    rated = home.mirador("rate", "1")  # the last answer, by default
+    assert rated.returncode == 0 and first[0]["query_id"] in rated.stdout
+    for _ in range(2):
+        better = ask(daemon, "What is the capital of Italy?", stages=["quick", "synthesis"], max_tokens=4)
+        assert home.mirador("rate", "5", better[0]["query_id"]).returncode == 0
+
+    learned = ask(daemon, "What is the capital of Spain?", max_tokens=4)
+    assert learned[0]["learned"]["plan"] == "quick+synthesis" and learned[0]["learned"]["default"] == "quick"
+    assert learned[0]["stages"] == ["quick", "synthesis"] and "learned" in learned[0]["reason"]
+    assert {e["stage"] for e in learned if e["event"] == "token"} == {"quick", "synthesis"}
+    other_type = ask(daemon, "Write a haiku about rain.", max_tokens=4)
+    assert other_type[0]["type"] == "simple/writing" and other_type[0]["learned"] is None
+
+    stats = json.loads(home.mirador("learn", "stats", "--json").stdout)
+    assert {p["plan"]: p["ratings"] for t in stats if t["type"] == "simple/general" for p in t["plans"]} == {
+        "quick": 1, "quick+synthesis": 2}
+    unknown = home.mirador("rate", "3", "no-such-answer")
+    assert unknown.returncode == 1 and "no answered question with id 'no-such-answer'" in unknown.stderr
+    incognito = ask(daemon, "What is the capital of Peru?", max_tokens=4, memory=False)
+    assert "incognito" in home.mirador("rate", "4", incognito[0]["query_id"]).stderr
+
+    assert "forgot 3 ratings" in home.mirador("learn", "reset", "--yes").stdout
+    assert ask(daemon, "What is the capital of Spain?", max_tokens=4)[0]["learned"] is None
