@@ -10,6 +10,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -87,11 +88,16 @@ def stop_daemon(d: Daemon) -> int:
     return d.proc.wait(timeout=60)
 
 
-@pytest.fixture(scope="module")
-def daemon():
-    """One real miradord (real Ray, llama.cpp, ZeroMQ) shared by a test module."""
-    h = make_home()
+def daemon_in_new_home(config: dict[str, str] | None = None) -> Iterator[Daemon]:
+    """A real miradord in a fresh home, stopped and cleaned up afterwards (for module fixtures)."""
+    h = make_home(config)
     d = start_daemon(h)
     yield d
     stop_daemon(d)
     shutil.rmtree(h.root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def daemon():
+    """One real miradord (real Ray, llama.cpp, ZeroMQ) with the default config, shared by a test module."""
+    yield from daemon_in_new_home()

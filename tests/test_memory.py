@@ -4,23 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 
-import pytest
-
-from .conftest import done_event, make_home, start_daemon, stop_daemon
+from .conftest import done_event, start_daemon, stop_daemon
 
 DOG = "My dog's name is Biscuit and she is a beagle."
-
-
-@pytest.fixture(scope="module")
-def daemon():
-    home = make_home()
-    d = start_daemon(home)
-    yield d
-    stop_daemon(d)
-    shutil.rmtree(home.root, ignore_errors=True)
 
 
 def ask(home, text, **kwargs):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from mirador.runtime.router import classify
 
-from .conftest import done_event, make_home, start_daemon, stop_daemon
+from .conftest import daemon_in_new_home, done_event
 
 COMPLEX = ("Compare PostgreSQL and MongoDB for a distributed architecture: what are the trade-offs "
            "in latency and scalability, and which should a small team pick?")
@@ -39,11 +38,7 @@ max_tokens = 400
 
 @pytest.fixture(scope="module")
 def daemon():
-    home = make_home({"models.toml": MODELS, "mirador.toml": STAGES})
-    d = start_daemon(home)
-    yield d
-    stop_daemon(d)
-    shutil.rmtree(home.root, ignore_errors=True)
+    yield from daemon_in_new_home({"models.toml": MODELS, "mirador.toml": STAGES})
 
 
 def ask(daemon, text, **kwargs):
