@@ -170,13 +170,13 @@ class Orchestrator:
     async def run(self, ask: Ask, emit: Emit) -> None:
         started = time.perf_counter()
         learning = self.learner is not None and ask.use_memory
-        learned = None
-        if learning and ask.routed:
-            learned = await self._learned_plan(ask)
+        # Recall starts first: it needs only the question, and runs while the learner is asked.
+        recall = self._start_recall(ask) if ask.use_memory and self.memory is not None else None
+        learned = await self._learned_plan(ask) if learning and ask.routed else None
         await emit("start", query_id=ask.query_id, route=ask.route.kind, reason=ask.route.reason, mode=ask.mode,
                    stages=[s.name for s in ask.steps], session=ask.session, type=ask.qtype, plan=ask.plan, learned=learned)
-        if ask.use_memory and self.memory is not None:
-            await self._recall(ask, emit)
+        if recall is not None:
+            await self._finish_recall(ask, recall, emit)
         if ask.mode == "progressive":
             results = await self._run_progressive(ask, emit)
         else:
@@ -219,15 +219,18 @@ class Orchestrator:
         ask.route = Route(ask.route.kind, ask.route.score, f"{ask.route.reason}; learned: {choice['plan']} instead of {default}")
         return {"plan": choice["plan"], "default": default, "evidence": choice["evidence"]}
 
-    async def _recall(self, ask: Ask, emit: Emit) -> None:
-        """Memories like the question, and the session's last turns, before any stage starts."""
+    def _start_recall(self, ask: Ask) -> tuple[Any, Any]:
+        """Ask the memory for memories like the question, and the session's last turns."""
         mem = self.config.memory
+        turns = self.memory.session_turns.remote(ask.session, mem.session_turns) if ask.session else None
+        return self.memory.recall.remote(ask.text, mem.recall_k, mem.min_similarity), turns
+
+    async def _finish_recall(self, ask: Ask, refs: tuple[Any, Any], emit: Emit) -> None:
+        recalled, turns = refs
         try:
-            turns = self.memory.session_turns.remote(ask.session, mem.session_turns) if ask.session else None
-            recalled = await self.memory.recall.remote(ask.text, mem.recall_k, mem.min_similarity)
             ask.history = await turns if turns is not None else []
-            in_history = {turn["id"] for turn in ask.history}
-            ask.memories = [m for m in recalled if m["id"] not in in_history]
+            in_history = {turn["id"] for turn in ask.history}  # those come in as history already
+            ask.memories = [m for m in await recalled if m["id"] not in in_history]
         except ray.exceptions.RayError as exc:
             log.error("recall failed: %s", exc)
             await emit("error", code="memory_unavailable", message=f"memory could not be read: {type(exc).__name__}")
