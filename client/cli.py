@@ -134,6 +134,14 @@ def _query(method: str, *args: Any, **fields: Any) -> dict[str, Any]:
     raise AssertionError("unreachable")
 
 
+def _power_text(power: dict[str, Any] | None) -> str:
+    if not power:
+        return "unknown"
+    battery = power.get("battery")
+    reading = "no battery" if battery is None else f"battery {battery['percent']:.0f} %, {'plugged in' if battery['plugged'] else 'on battery'}"
+    return f"{power['profile']}{' (forced by MIRADOR_POWER_PROFILE)' if power.get('forced') else ''}; {reading}"
+
+
 def _status_text(status: dict[str, Any]) -> str:
     up = int(status["uptime_s"])
     ray_how = "started by the daemon" if status.get("ray_started_here") else "joined"
@@ -146,6 +154,7 @@ def _status_text(status: dict[str, Any]) -> str:
         "memory:  " + (f"{status['memory'].get('memories', '?')} memories, {status['memory'].get('bytes', 0) / 1e6:.1f} MB"
                        f" in {status['memory'].get('path')}" if status["memory"].get("enabled")
                        else f"unavailable: {status['memory']['error']}" if status["memory"].get("error") else "off"),
+        "power:   " + _power_text(status.get("power")),
         "actors:",
     ]
     for actor in status["actors"]:

@@ -32,6 +32,7 @@ class ModelSpec:
     backend: str  # "llamacpp" | "ollama"
     source: str
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific (n_ctx, host, ...)
+    size_mb: float | None = None  # approximate memory footprint
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,22 @@ class MemoryConfig:
 
 
 @dataclass(frozen=True)
+class PowerLimits:
+    """What a power profile allows: the stages kept, and whether to pick each stage's smallest model."""
+
+    stages: tuple[str, ...] | None = None  # None: all
+    smallest_model: bool = False
+
+
+@dataclass(frozen=True)
+class EnergyConfig:
+    sensor: str = "psutil"
+    low_battery_percent: float = 20.0
+    poll_s: float = 30.0
+    limits: dict[str, PowerLimits] = field(default_factory=dict)  # profile -> limits
+
+
+@dataclass(frozen=True)
 class Config:
     """The daemon's whole configuration, validated."""
 
@@ -92,6 +109,7 @@ class Config:
     chains: dict[str, ChainConfig]
     memory: MemoryConfig
     learning_enabled: bool
+    energy: EnergyConfig
     raw: dict[str, Any]
 
 
@@ -147,12 +165,12 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
     models = {}
     for name, spec in raw.get("models", {}).items():
         spec = dict(spec)
-        backend, source = spec.pop("backend", None), spec.pop("source", None)
+        backend, source, size = spec.pop("backend", None), spec.pop("source", None), spec.pop("size_mb", None)
         if backend not in ("llamacpp", "ollama"):
             raise ConfigError(f"models.{name}.backend must be 'llamacpp' or 'ollama', not {backend!r}")
         if not isinstance(source, str) or not source:
             raise ConfigError(f"models.{name}.source is missing")
-        models[name] = ModelSpec(name, backend, source, spec)
+        models[name] = ModelSpec(name, backend, source, spec, float(size) if size is not None else None)
 
     stages = _stages(raw.get("stages", {}), models)
     routes = {}
@@ -185,6 +203,7 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
         chains=chains,
         memory=_memory(raw.get("memory", {})),
         learning_enabled=bool(raw.get("learning", {}).get("enabled", True)),
+        energy=_energy(raw.get("energy", {}), stages),
         raw=raw,
     )
 
@@ -235,3 +254,18 @@ def _memory(m: dict[str, Any]) -> MemoryConfig:
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"memory: {exc}") from None
+
+
+def _energy(e: dict[str, Any], stages: dict[str, StageConfig]) -> EnergyConfig:
+    limits = {}
+    for profile in ("balanced", "minimal"):
+        table = e.get(profile, {})
+        kept = table.get("stages")
+        if kept is not None and [s for s in kept if s not in stages]:
+            raise ConfigError(f"energy.{profile}.stages names unknown stages; configured: {list(stages)}")
+        limits[profile] = PowerLimits(tuple(kept) if kept is not None else None, bool(table.get("smallest_model", False)))
+    try:
+        return EnergyConfig(str(e.get("sensor", "psutil")), float(e.get("low_battery_percent", 20)),
+                            float(e.get("poll_s", 30)), limits)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"energy: {exc}") from None

@@ -46,6 +46,7 @@ class Daemon:
         self.memory: Any = None  # the MemoryStore actor, when memory is on
         self.memory_error: str | None = None  # why memory is off although configured on
         self.learner: Any = None  # the Learner actor, when learning is on
+        self.energy: Any = None  # the EnergyMonitor actor
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -76,6 +77,7 @@ class Daemon:
             "log": str(self.paths.logfile),
             "actors": list(actors),
             "memory": memory,
+            "power": getattr(getattr(self, "orchestrator", None), "power", None),
             "routes": {kind: list(stages) for kind, stages in self.config.routes.items()},
             "chains": [{"name": c.name, "description": c.description, "steps": [f"{st.name} ({st.model})" for st in c.steps]}
                        for c in self.config.chains.values()],
@@ -144,6 +146,21 @@ class Daemon:
     def cancel_ask(self, ask: Any) -> None:
         self.orchestrator.cancel(ask)
 
+    async def _watch_power(self) -> None:
+        """Keep the orchestrator's power reading fresh, off the path of any question."""
+        import ray
+
+        while True:
+            await asyncio.sleep(self.config.energy.poll_s)
+            try:
+                power = await self.energy.read.remote()
+            except ray.exceptions.RayError as exc:
+                log.error("the energy monitor did not answer: %s", exc)
+                continue
+            if power["profile"] != self.orchestrator.power.get("profile"):
+                log.info("power profile %s -> %s (battery %s)", self.orchestrator.power.get("profile"), power["profile"], power["battery"])
+            self.orchestrator.power = power
+
     def _record(self, ask: Any, metrics: dict[str, Any]) -> None:
         self.metrics.record(ask.query_id, ask.route.kind, ask.mode, metrics)
 
@@ -151,6 +168,7 @@ class Daemon:
     async def run(self) -> None:
         import ray
 
+        from mirador.actors.energy import EnergyMonitor, forced_profile
         from mirador.actors.learner import Learner
         from mirador.actors.memory import MemoryStore
         from mirador.actors.stage import StageActor
@@ -175,6 +193,8 @@ class Daemon:
             self.memory = MemoryStore.remote(str(self.paths.data / "memory"))
         if self.config.learning_enabled:
             self.learner = Learner.remote(str(self.paths.data / "learning.sqlite3"))
+        energy = self.config.energy
+        self.energy = EnergyMonitor.remote(energy.sensor, energy.low_battery_percent, forced_profile())
         try:
             def manifest(models: tuple[str, ...]) -> list[dict[str, Any]]:
                 return [dataclasses.asdict(self.config.models[m]) for m in models]
@@ -193,6 +213,9 @@ class Daemon:
                     ray.kill(self.memory)
                     self.memory, self.memory_error = None, str(exc).splitlines()[-1]
             self.orchestrator = Orchestrator(self.config, self.actors, self.memory, self.learner, self._record)
+            self.orchestrator.power = await self.energy.read.remote()
+            log.info("power profile: %s (battery %s)", self.orchestrator.power["profile"], self.orchestrator.power["battery"])
+            watching = asyncio.ensure_future(self._watch_power())
             for chain in self.config.chains.values():  # chain models no stage serves get an actor, loaded on use
                 for step in chain.steps:
                     key = self.orchestrator.actor_for_model(step.model)
@@ -212,10 +235,11 @@ class Daemon:
             await stop.wait()
             log.info("shutting down")
             serving.cancel()
+            watching.cancel()
         finally:
             if server is not None:
                 await server.close()
-            for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner])]:
+            for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner, self.energy])]:
                 ray.kill(actor)
             if self.ray_started:
                 ray.shutdown()
@@ -262,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths.ensure()
         config = load_config(paths)
-    except (ConfigError, OSError) as exc:
+        from mirador.actors.energy import forced_profile
+
+        forced_profile()  # a wrong MIRADOR_POWER_PROFILE is a start-up error, said plainly
+    except (ConfigError, OSError, ValueError) as exc:
         print(f"miradord: {exc}", file=sys.stderr)
         return 2
     if args.ray_address:

@@ -16,6 +16,7 @@ and one msgpack encode between the actor's Ray stream and the client's socket.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -99,6 +100,7 @@ class Orchestrator:
         self.memory = memory  # the MemoryStore actor, None when memory is off
         self.learner = learner  # the Learner actor, None when learning is off
         self.on_done = on_done
+        self.power: dict[str, Any] = {"profile": "maximum"}  # the EnergyMonitor's last reading, kept fresh by the daemon
 
     # -- planning ------------------------------------------------------------------------
     def new_ask(self, request: dict[str, Any]) -> Ask:
@@ -173,8 +175,10 @@ class Orchestrator:
         # Recall starts first: it needs only the question, and runs while the learner is asked.
         recall = self._start_recall(ask) if ask.use_memory and self.memory is not None else None
         learned = await self._learned_plan(ask) if learning and ask.routed else None
+        power = self._apply_power(ask)
         await emit("start", query_id=ask.query_id, route=ask.route.kind, reason=ask.route.reason, mode=ask.mode,
-                   stages=[s.name for s in ask.steps], session=ask.session, type=ask.qtype, plan=ask.plan, learned=learned)
+                   stages=[s.name for s in ask.steps], session=ask.session, type=ask.qtype, plan=ask.plan, learned=learned,
+                   power=power)
         if recall is not None:
             await self._finish_recall(ask, recall, emit)
         if ask.mode == "progressive":
@@ -204,6 +208,28 @@ class Orchestrator:
                            message=f"this exchange could not be stored: {type(exc).__name__}")
                 return
             await emit("remembered", final=True, query_id=ask.query_id, memory_id=memory_id)
+
+    def _apply_power(self, ask: Ask) -> dict[str, Any]:
+        """Trim the plan to what the power profile allows; say what changed."""
+        profile = self.power.get("profile", "maximum")
+        limits = self.config.energy.limits.get(profile)
+        info: dict[str, Any] = {"profile": profile, "battery": self.power.get("battery"), "changed": False}
+        if limits is None:  # maximum
+            return info
+        before = [(s.name, s.models[0]) for s in ask.steps]
+        if limits.stages is not None:
+            kept = [s for s in ask.steps if s.name in limits.stages] if ask.mode != "chain" else ask.steps[:1]
+            ask.steps = kept or ask.steps[:1]
+        if limits.smallest_model:
+            def size(model: str) -> float:
+                return self.config.models[model].size_mb or float("inf")
+
+            ask.steps = [dataclasses.replace(s, models=tuple(sorted(s.models, key=size))) for s in ask.steps]
+        after = [(s.name, s.models[0]) for s in ask.steps]
+        if after != before:
+            info.update(changed=True, dropped=[name for name, _ in before if name not in dict(after)],
+                        models={name: model for name, model in after if (name, model) not in before})
+        return info
 
     async def _learned_plan(self, ask: Ask) -> dict[str, Any] | None:
         """Ask the learner; switch plans when the user's ratings favour another one for this type."""
