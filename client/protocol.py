@@ -45,7 +45,8 @@ Replies (daemon -> client)
     ``ask``    ``start`` {query_id, route (simple | medium | complex | requested | chain),
                reason, mode (progressive | sequential | chain), stages: [names], session, type
                (what the learner keys on), plan, learned (null, or {plan, default, evidence}
-               when the user's ratings chose the plan)};
+               when the user's ratings chose the plan), power {profile, battery, changed,
+               dropped?, models?}};
                unless incognito, ``memory`` {recalled: [{id, question, similarity}], history:
                n}; then, per stage, ``stage_start`` {stage, model}, ``context`` {stage,
                memory_ids} (the memories that stage was given), ``token`` {stage, model, text,
@@ -63,7 +64,8 @@ Replies (daemon -> client)
                whose ``cancelled`` is true.
     ``status`` ``status`` {pid, version, uptime_s, ready, ray_address, actors: [{name, stage,
                model, fallbacks, backend, loaded, busy, node_id, pid}], memory: {enabled, memories,
-               bytes, path}, routes, chains} (final).
+               bytes, path}, power {profile, measured, forced, battery, sensor_error}, routes,
+               chains} (final).
     ``memory`` ``memory`` {records: [...]} or {forgotten: n} or {imported: n} (final).
     ``rate``   ``rated`` {query_id, type, plan, rating} (final).
     ``learn``  ``learn`` {types: [{type, plans: [{plan, ratings, mean_rating}]}]} or {reset: n}.
