@@ -27,7 +27,7 @@ QUESTION = ("Compare PostgreSQL and MongoDB for a distributed architecture: what
 
 def run(client, tokens: int, **kwargs) -> tuple[float, float]:
     first = None
-    for event in client.ask(QUESTION, max_tokens=tokens, **kwargs):
+    for event in client.ask(QUESTION, max_tokens=tokens, memory=False, **kwargs):  # the plans alone
         if event["event"] == "token" and first is None:
             first = event["t"]
         last = event["t"]

@@ -42,7 +42,8 @@ def raw_run(llm, messages, tokens: int, temperature: float) -> tuple[float, floa
 def daemon_run(client, tokens: int, temperature: float) -> tuple[float, float, int, float]:
     times = []
     actor_first = None
-    for event in client.ask(QUESTION, stages=["quick"], max_tokens=tokens, temperature=temperature):
+    # Incognito: this measures the spine; memory's recall and injection have their own benchmark.
+    for event in client.ask(QUESTION, stages=["quick"], max_tokens=tokens, temperature=temperature, memory=False):
         if event["event"] == "token":
             times.append(event["t"])
         elif event["event"] == "stage_end":
@@ -58,7 +59,8 @@ def timed(cmd: list[str], env: dict[str, str]) -> float:
 
 def enter_to_first_token(env: dict[str, str], tokens: int) -> float:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([str(BIN / "mirador"), "ask", "--json", "--stages", "quick", "--max-tokens", str(tokens), QUESTION],
+    proc = subprocess.Popen([str(BIN / "mirador"), "ask", "--json", "--stages", "quick", "--no-memory",
+                             "--max-tokens", str(tokens), QUESTION],
                             env=env, stdout=subprocess.PIPE, text=True)
     first = None
     for line in proc.stdout:
