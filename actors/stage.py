@@ -103,9 +103,11 @@ class StageActor:
         system message right after the stage's own (which stays first for the prompt cache)."""
         backend = self.backends[self.primary]
         block, used = MEMORY_HEADER, []
+        tokens = backend.count_tokens(block)
         for memory in memories:
             line = f"\n- The user said: {memory['question'].strip()}\n  You answered: {memory['answer'].strip()}"
-            if backend.count_tokens(block + line) > budget:
+            tokens += backend.count_tokens(line)  # each line once: this runs before the first token
+            if tokens > budget:
                 break
             block += line
             used.append(memory["id"])

@@ -77,7 +77,7 @@ class Daemon:
             "log": str(self.paths.logfile),
             "actors": list(actors),
             "memory": memory,
-            "power": getattr(getattr(self, "orchestrator", None), "power", None),
+            "power": self.orchestrator.power,  # status is served only once the orchestrator exists
             "routes": {kind: list(stages) for kind, stages in self.config.routes.items()},
             "chains": [{"name": c.name, "description": c.description, "steps": [f"{st.name} ({st.model})" for st in c.steps]}
                        for c in self.config.chains.values()],

@@ -101,6 +101,9 @@ class Orchestrator:
         self.learner = learner  # the Learner actor, None when learning is off
         self.on_done = on_done
         self.power: dict[str, Any] = {"profile": "maximum"}  # the EnergyMonitor's last reading, kept fresh by the daemon
+        # What the learner chooses among: every routing stage set, then every chain.
+        routed_plans = dict.fromkeys("+".join(stages) for stages in config.routes.values())
+        self.candidate_plans = [*routed_plans, *(f"chain:{name}" for name in config.chains)]
 
     # -- planning ------------------------------------------------------------------------
     def new_ask(self, request: dict[str, Any]) -> Ask:
@@ -132,11 +135,6 @@ class Orchestrator:
 
     def _default_plan(self, route: Route) -> str:
         return "+".join(self.config.routes.get(route.kind, self.config.stages))
-
-    def candidate_plans(self) -> list[str]:
-        """What the learner chooses among: every routing stage set, then every chain."""
-        plans = dict.fromkeys("+".join(stages) for stages in self.config.routes.values())
-        return [*plans, *(f"chain:{name}" for name in self.config.chains)]
 
     def _set_plan(self, ask: Ask, plan: str) -> None:
         ask.plan = plan
@@ -235,11 +233,11 @@ class Orchestrator:
         """Ask the learner; switch plans when the user's ratings favour another one for this type."""
         default = ask.plan
         try:
-            choice = await self.learner.choose.remote(ask.qtype, self.candidate_plans(), default)
+            choice = await self.learner.choose.remote(ask.qtype, self.candidate_plans, default)
         except ray.exceptions.RayError as exc:
             log.error("the learner did not answer; using the router's plan: %s", exc)
             return None
-        if not choice["learned"] or choice["plan"] not in self.candidate_plans():
+        if not choice["learned"]:
             return None
         self._set_plan(ask, choice["plan"])
         ask.route = Route(ask.route.kind, ask.route.score, f"{ask.route.reason}; learned: {choice['plan']} instead of {default}")

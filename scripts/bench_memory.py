@@ -46,8 +46,7 @@ def main() -> None:
     queries = [f"What did I say about {rng.choice(TOPICS)}?" for _ in range(200)]
     result: dict = {"memories": args.memories}
     home = new_home()
-    store_path = home / "data" / "memory"  # where the daemon of step 4 will find it
-    store = Memories(str(store_path))
+    store = Memories(str(home / "data" / "memory"))  # where the daemon of step 4 will find it
     docs = [exchange(i, rng) for i in range(args.memories)]
 
     t0 = time.perf_counter()
@@ -63,10 +62,10 @@ def main() -> None:
                        metadatas=[{k: (",".join(v) if isinstance(v, list) else v) for k, v in d.items()} for d in batch])
         if start + 500 == 1000:
             result["recall_ms_at_1000"] = summary(recall_times(store, queries))
-            result["bytes_at_1000"] = size(store_path)
+            result["bytes_at_1000"] = store.stats()["bytes"]
     result["store_s"] = time.perf_counter() - t0
     result["recall_ms"] = summary(recall_times(store, queries))
-    result["bytes"] = size(store_path)
+    result["bytes"] = store.stats()["bytes"]
     result["bytes_per_1000"] = result["bytes"] / (args.memories / 1000)
     del store
 
@@ -118,10 +117,6 @@ def recall_times(store, queries: list[str]) -> list[float]:
         store.recall(q, k=4, min_similarity=0.3)
         times.append((time.perf_counter() - t0) * 1000)
     return times
-
-
-def size(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 if __name__ == "__main__":
