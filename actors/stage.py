@@ -4,16 +4,17 @@ The actor is asynchronous, so ``cancel``, ``info``, ``load`` and ``unload`` are 
 generation runs. Generations take turns (llama.cpp contexts are not re-entrant), and
 ``unload`` waits for the running one: a model is never unloaded mid-generation.
 
+``load``/``unload`` take a model name; the ``Preloader`` decides which models are loaded.
 ``generate`` is a Ray streaming generator (call it with ``.options(num_returns="streaming")``).
 It tries the stage's models in order until one answers; it yields small dicts, never raises for
 a model failure, and always ends with one ``end`` item, so the actor survives a failed
 generation and the caller always learns how the stage ended:
 
     {"context": [memory ids]}                                        memories given to the model
-    {"model": name}                                                  this model answers now
+    {"model": name, "cold": bool}                                    this model answers now (cold: not loaded yet)
     {"text": str, "logprob": float | None, "confidence": float}     one per token
     {"error": code, "message": str, "model": name}                   that model failed
-    {"end": True, "model", "tokens", "first_token_s", "duration_s", "tokens_per_s", "cancelled"}
+    {"end": True, "model", "tokens", "first_token_s", "duration_s", "tokens_per_s", "cancelled", "cold"}
 
 A model that fails before its first token hands over to the next one; once tokens have gone
 out, a failure ends the stage (a fallback would start the answer over).
@@ -37,10 +38,13 @@ MEMORY_HEADER = "From earlier conversations with this user (use only what is rel
 
 @ray.remote(num_cpus=0, max_concurrency=64)
 class StageActor:
-    def __init__(self, stage: str, models: list[dict[str, Any]], confidence_prior: float):
-        """``models``: manifest entries {name, backend, source, options}, primary first."""
+    def __init__(self, stage: str, models: list[dict[str, Any]], confidence_prior: float, system_prompt: str = ""):
+        """``models``: manifest entries {name, backend, source, options}, primary first.
+        ``system_prompt`` is run through each llama.cpp model once at load, so that the first
+        question finds it in the prompt cache and only its own words need evaluating."""
         self.stage = stage
         self.prior = confidence_prior
+        self.system_prompt = system_prompt
         self.backends: dict[str, Backend] = {
             m["name"]: make_backend(m["name"], m["backend"], m["source"], m["options"]) for m in models
         }
@@ -48,33 +52,45 @@ class StageActor:
         self._turn = asyncio.Lock()
         self._active: set[str] = set()  # requests waiting for their turn or generating
         self._cancelled: set[str] = set()  # a subset of _active
-        self._generating = False
-        self.load_error: str | None = None
+        self._generating: str | None = None  # the model generating now
+        self.errors: dict[str, str] = {}  # model -> why its last load failed
 
-    async def load(self, system_prompt: str = "") -> bool:
-        """Load the primary model now (idempotent). Returns whether it is loaded; the error is kept for ``info``.
+    def _backend(self, model: str | None) -> Backend:
+        name = model or self.primary
+        if name not in self.backends:
+            raise ModelError(f"the {self.stage} actor does not run {name!r} (it runs {', '.join(self.backends)})")
+        return self.backends[name]
 
-        With ``system_prompt``, also run it through the model once, so that the first question
-        finds it in llama.cpp's prompt cache and only its own words need evaluating.
-        """
-        backend = self.backends[self.primary]
+    async def load(self, model: str | None = None) -> dict[str, Any]:
+        """Load ``model`` (default: the primary) now; idempotent. Never raises for a model failure:
+        returns {model, loaded, load_s, error}; the error is also kept for ``info``."""
+        backend = self._backend(model)
         async with self._turn:
+            started = time.perf_counter()
             try:
-                await backend.load()
-                if system_prompt and backend.kind == "llamacpp":
-                    warmup = [{"role": "system", "content": system_prompt}, {"role": "user", "content": "Hello"}]
-                    async with contextlib.aclosing(backend.stream(warmup, GenerationOptions(1, 0.0))) as stream:
-                        async for _ in stream:
-                            pass
-                self.load_error = None
+                if not await backend.is_loaded():
+                    await backend.load()
+                    if self.system_prompt and backend.kind == "llamacpp":
+                        warmup = [{"role": "system", "content": self.system_prompt}, {"role": "user", "content": "Hello"}]
+                        async with contextlib.aclosing(backend.stream(warmup, GenerationOptions(1, 0.0))) as stream:
+                            async for _ in stream:
+                                pass
+                self.errors.pop(backend.name, None)
             except ModelError as exc:
-                self.load_error = str(exc)
-        return await backend.is_loaded()
+                self.errors[backend.name] = str(exc)
+            return {"model": backend.name, "loaded": await backend.is_loaded(), "error": self.errors.get(backend.name),
+                    "load_s": round(time.perf_counter() - started, 4)}
 
-    async def unload(self) -> None:
+    async def unload(self, model: str | None = None) -> list[str]:
+        """Unload ``model`` (default: every model). Waits for a running generation: a model is
+        never unloaded mid-answer. Returns the models that were loaded and now are not."""
         async with self._turn:
-            for backend in self.backends.values():
-                await backend.unload()
+            unloaded = []
+            for backend in [self._backend(model)] if model else self.backends.values():
+                if await backend.is_loaded():
+                    await backend.unload()
+                    unloaded.append(backend.name)
+            return unloaded
 
     async def info(self) -> dict[str, Any]:
         ctx = ray.get_runtime_context()
@@ -85,8 +101,10 @@ class StageActor:
             "fallbacks": [name for name in self.backends if name != self.primary],
             "backend": primary.kind,
             "loaded": await primary.is_loaded(),
-            "busy": self._generating,
-            "error": self.load_error,
+            "models": {name: await b.is_loaded() for name, b in self.backends.items()},
+            "busy": self._generating is not None,
+            "generating": self._generating,
+            "error": self.errors.get(self.primary),
             "node_id": ctx.get_node_id(),
             "pid": os.getpid(),
         }
@@ -125,10 +143,10 @@ class StageActor:
         first = last = None
         count = 0
         answered_by = None
+        cold = False
         self._active.add(request_id)
         try:
             async with self._turn:
-                self._generating = True
                 try:
                     if memories and memory_tokens > 0:
                         with contextlib.suppress(ModelError):  # counting needs the model; a failing one is reported below
@@ -139,7 +157,10 @@ class StageActor:
                         if request_id in self._cancelled:
                             break
                         answered_by = name
-                        yield {"model": name}
+                        self._generating = name
+                        # cold: this answer waits for the model to load (the preloader missed it)
+                        cold = not await self.backends[name].is_loaded()
+                        yield {"model": name, "cold": cold}
                         confidence = ConfidenceTracker(self.prior)
                         try:
                             # aclosing: leaving the loop must stop the backend before the next turn starts.
@@ -162,7 +183,7 @@ class StageActor:
                         if count:
                             break  # failed mid-answer: a fallback would start the answer over
                 finally:
-                    self._generating = False
+                    self._generating = None
             decode_s = (last - first) if first and last and count > 1 else 0.0
             yield {
                 "end": True,
@@ -172,6 +193,7 @@ class StageActor:
                 "duration_s": round(time.perf_counter() - started, 6),
                 "tokens_per_s": round((count - 1) / decode_s, 2) if decode_s else None,
                 "cancelled": request_id in self._cancelled,
+                "cold": cold,
             }
         finally:
             self._active.discard(request_id)

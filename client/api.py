@@ -185,6 +185,14 @@ class Client(_Requests):
     def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return self._call("cancel", timeout, target=target)
 
+    def hint(self, text: str, timeout: float = 10.0) -> dict[str, Any]:
+        """What the user has typed so far: the daemon starts loading the models it will need."""
+        return self._call("hint", timeout, text=text)
+
+    def models(self, op: str, name: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
+        """list | ps | load NAME | unload NAME (a load can take a while: a large model from disk)."""
+        return self._call("models", timeout, op=op, **({"name": name} if name else {}))
+
     def ask(
         self,
         text: str,
@@ -294,6 +302,12 @@ class AsyncClient(_Requests):
 
     async def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return await self._call("cancel", timeout, target=target)
+
+    async def hint(self, text: str, timeout: float = 10.0) -> dict[str, Any]:
+        return await self._call("hint", timeout, text=text)
+
+    async def models(self, op: str, name: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
+        return await self._call("models", timeout, op=op, **({"name": name} if name else {}))
 
     async def ask(
         self,

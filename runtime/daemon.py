@@ -42,11 +42,13 @@ class Daemon:
         self.started_at = time.time()
         self.ray_address = ""
         self.ray_started = False
-        self.actors: dict[str, Any] = {}
+        self.actors: dict[str, Any] = {}  # stage name, or "model:NAME" for a chain-only model -> StageActor
+        self.runs: dict[str, tuple[str, ...]] = {}  # actor key -> the models it can run
         self.memory: Any = None  # the MemoryStore actor, when memory is on
         self.memory_error: str | None = None  # why memory is off although configured on
         self.learner: Any = None  # the Learner actor, when learning is on
         self.energy: Any = None  # the EnergyMonitor actor
+        self.preloader: Any = None  # the Preloader actor: every model load and unload goes through it
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -137,6 +139,52 @@ class Daemon:
             return {"reset": await learner.reset.remote()}
         return {"types": await learner.stats.remote()}
 
+    async def hint(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A partial question: start loading what it will probably need."""
+        text = request["text"]
+        if not text.strip():
+            return {"predictions": []}
+        return {"predictions": await self.preloader.prepare.remote(None, text, self.orchestrator.power.get("profile", "maximum"))}
+
+    async def models_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`mirador models list|ps|load|unload`."""
+        rid, op, preloader = request["id"], request["op"], self.preloader
+        if op == "ps":
+            return await preloader.ps.remote()
+        if op == "list":
+            return {"models": self._model_list((await preloader.ps.remote())["models"])}
+        name = request["name"]
+        if name not in self.config.models:
+            raise ProtocolError("unknown_model", f"no model {name!r} in the manifest; `mirador models list` shows them "
+                                "(add [models.NAME] to models.toml in your config dir)", rid)
+        if not await preloader.targets.remote(name):
+            raise ProtocolError("model_unused", f"no stage or chain runs {name!r}: name it in a stage's models, "
+                                "or give it roles = [\"STAGE\"] in models.toml", rid)
+        if op == "unload":
+            return {"unloaded": await preloader.unload.remote(name)}
+        results = await preloader.load.remote(name)
+        if not any(r["loaded"] for r in results):
+            raise ProtocolError("model_error", f"{name} did not load: {results[0]['error']}", rid)
+        return {"loaded": results}
+
+    def _model_list(self, loaded: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        from mirador.actors.backend import ModelError
+        from mirador.actors.llamacpp import resolve_source
+
+        out = []
+        for spec in self.config.models.values():
+            available: bool | str | None = None  # None: Ollama knows, the manifest does not
+            if spec.backend == "llamacpp":
+                try:
+                    available = bool(resolve_source(spec.source))
+                except ModelError as exc:
+                    available = str(exc)
+            out.append({"name": spec.name, "backend": spec.backend, "source": spec.source, "size_mb": spec.size_mb,
+                        "roles": list(spec.roles), "triggers": list(spec.triggers), "priority": spec.priority,
+                        "actors": [key for key, models in self.runs.items() if spec.name in models],
+                        "loaded_in": [row["actor"] for row in loaded if row["model"] == spec.name], "available": available})
+        return out
+
     def new_ask(self, request: dict[str, Any]) -> Any:
         return self.orchestrator.new_ask(request)
 
@@ -171,6 +219,7 @@ class Daemon:
         from mirador.actors.energy import EnergyMonitor, forced_profile
         from mirador.actors.learner import Learner
         from mirador.actors.memory import MemoryStore
+        from mirador.actors.preloader import Preloader
         from mirador.actors.stage import StageActor
 
         from .metrics import MetricsStore
@@ -200,10 +249,16 @@ class Daemon:
                 return [dataclasses.asdict(self.config.models[m]) for m in models]
 
             for name, stage in self.config.stages.items():
-                self.actors[name] = StageActor.remote(name, manifest(stage.models), stage.confidence_prior)
-            stage_actors = dict(self.actors)
-            loads = asyncio.gather(*(actor.load.remote(self.config.stages[name].system_prompt)
-                                     for name, actor in stage_actors.items()))
+                self.runs[name] = self.config.actor_models(name)
+                self.actors[name] = StageActor.remote(name, manifest(self.runs[name]), stage.confidence_prior, stage.system_prompt)
+            for chain in self.config.chains.values():  # chain models no stage runs get an actor, loaded on use
+                for step in chain.steps:
+                    key = self.config.actor_for_model(step.model)
+                    if key not in self.actors:
+                        self.runs[key] = (step.model,)
+                        self.actors[key] = StageActor.remote(key, manifest(self.runs[key]), 0.6)
+            self.preloader = Preloader.remote(self.config, self.actors, self.runs, str(self.paths.data / "metrics.sqlite3"))
+            warming = self.preloader.warm.remote()
             if self.memory is not None:
                 try:
                     stats = await self.memory.stats.remote()
@@ -212,21 +267,15 @@ class Daemon:
                     log.error("memory is unavailable, answering without it: %s", exc)
                     ray.kill(self.memory)
                     self.memory, self.memory_error = None, str(exc).splitlines()[-1]
-            self.orchestrator = Orchestrator(self.config, self.actors, self.memory, self.learner, self._record)
+            self.orchestrator = Orchestrator(self.config, self.actors, self.memory, self.learner, self._record, self.preloader)
             self.orchestrator.power = await self.energy.read.remote()
             log.info("power profile: %s (battery %s)", self.orchestrator.power["profile"], self.orchestrator.power["battery"])
             watching = asyncio.ensure_future(self._watch_power())
-            for chain in self.config.chains.values():  # chain models no stage serves get an actor, loaded on use
-                for step in chain.steps:
-                    key = self.orchestrator.actor_for_model(step.model)
-                    if key not in self.actors:
-                        self.actors[key] = StageActor.remote(key, manifest((step.model,)), 0.6)
-            for name, loaded in zip(stage_actors, await loads):
-                info = await self.actors[name].info.remote()
-                if loaded:
-                    log.info("stage %s: %s loaded", name, info["model"])
+            for result in await warming:
+                if result["loaded"]:
+                    log.info("stage %s: %s loaded in %.2f s", result["actor"], result["model"], result["load_s"])
                 else:
-                    log.error("stage %s: %s is not loaded: %s", name, info["model"], info["error"])
+                    log.error("stage %s: %s is not loaded: %s", result["actor"], result["model"], result["error"])
             server = Server(self.paths.endpoint, self)
             server.bind()
             self.ready = True
@@ -239,7 +288,7 @@ class Daemon:
         finally:
             if server is not None:
                 await server.close()
-            for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner, self.energy])]:
+            for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner, self.energy, self.preloader])]:
                 ray.kill(actor)
             if self.ray_started:
                 ray.shutdown()

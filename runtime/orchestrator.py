@@ -94,8 +94,9 @@ def build_messages(system_prompt: str, question: str, previous: dict[str, str],
 
 class Orchestrator:
     def __init__(self, config: Config, actors: dict[str, Any], memory: Any = None, learner: Any = None,
-                 on_done: Callable[[Ask, dict[str, Any]], None] | None = None):
+                 on_done: Callable[[Ask, dict[str, Any]], None] | None = None, preloader: Any = None):
         self.config = config
+        self.preloader = preloader  # the Preloader actor: loads what a question needs, within the budget
         self.actors = actors  # actor key (stage name, or "model:NAME" for chain-only models) -> handle
         self.memory = memory  # the MemoryStore actor, None when memory is off
         self.learner = learner  # the Learner actor, None when learning is off
@@ -142,24 +143,17 @@ class Orchestrator:
             ask.mode = "chain"
             ask.steps = [self._chain_step(step, ask.options) for step in self.config.chains[plan[len("chain:"):]].steps]
         else:
-            ask.steps = [self._stage_step(name, ask.options) for name in plan.split("+")]
+            ask.steps = [self._stage_step(name, ask.text, ask.options) for name in plan.split("+")]
 
-    def _stage_step(self, name: str, options: dict[str, Any]) -> Step:
+    def _stage_step(self, name: str, text: str, options: dict[str, Any]) -> Step:
         stage = self.config.stages[name]
-        return Step(name, name, stage.models, stage.system_prompt, options.get("max_tokens", stage.max_tokens),
+        return Step(name, name, self.config.stage_models(name, text), stage.system_prompt, options.get("max_tokens", stage.max_tokens),
                     options.get("temperature", stage.temperature), stage.timeout_s, stage.after_first_token_of, stage.needs,
                     stage.memory)
 
     def _chain_step(self, step: Any, options: dict[str, Any]) -> Step:
-        return Step(step.name, self.actor_for_model(step.model), (step.model,), step.prompt,
+        return Step(step.name, self.config.actor_for_model(step.model), (step.model,), step.prompt,
                     options.get("max_tokens", 256), options.get("temperature", 0.5), 300.0, memory=True)
-
-    def actor_for_model(self, model: str) -> str:
-        """The key of an actor that can run ``model``: a stage's, else one of its own."""
-        for name, stage in self.config.stages.items():
-            if model in stage.models:
-                return name
-        return f"model:{model}"
 
     def cancel(self, ask: Ask) -> None:
         ask.cancelled = True
@@ -168,12 +162,24 @@ class Orchestrator:
 
     # -- running -------------------------------------------------------------------------
     async def run(self, ask: Ask, emit: Emit) -> None:
+        used: list[tuple[str, str]] = []  # (actor, model) pairs that answered
+        try:
+            await self._run(ask, emit, used)
+        finally:
+            if self.preloader is not None:
+                self.preloader.release.remote(ask.query_id, ask.route.kind if ask.routed else None, used)
+
+    async def _run(self, ask: Ask, emit: Emit, used: list[tuple[str, str]]) -> None:
         started = time.perf_counter()
+        if self.preloader is not None and ask.routed:  # predicted loads start while we plan
+            self.preloader.prepare.remote(ask.query_id, ask.text, self.power.get("profile", "maximum"))
         learning = self.learner is not None and ask.use_memory
         # Recall starts first: it needs only the question, and runs while the learner is asked.
         recall = self._start_recall(ask) if ask.use_memory and self.memory is not None else None
         learned = await self._learned_plan(ask) if learning and ask.routed else None
         power = self._apply_power(ask)
+        if self.preloader is not None:  # the plan's own models, pinned until the question is over
+            self.preloader.need.remote(ask.query_id, [(s.actor_key, s.models[0]) for s in ask.steps])
         await emit("start", query_id=ask.query_id, route=ask.route.kind, reason=ask.route.reason, mode=ask.mode,
                    stages=[s.name for s in ask.steps], session=ask.session, type=ask.qtype, plan=ask.plan, learned=learned,
                    power=power)
@@ -187,6 +193,8 @@ class Orchestrator:
                 if ask.cancelled:
                     break
                 results[step.name] = await self._run_step(step, ask, emit, dict((k, r.text) for k, r in results.items()))
+        steps = {s.name: s for s in ask.steps}
+        used += [(steps[name].actor_key, r.stats["model"]) for name, r in results.items() if r.stats.get("tokens")]
         metrics = {"duration_s": round(time.perf_counter() - started, 6),
                    "stages": {name: r.stats for name, r in results.items()}, "errors": ask.errors}
         # The answer is complete for the user at `done`; storing it (a durable write, ~0.3 s
@@ -215,14 +223,13 @@ class Orchestrator:
         if limits is None:  # maximum
             return info
         before = [(s.name, s.models[0]) for s in ask.steps]
-        if limits.stages is not None:
-            kept = [s for s in ask.steps if s.name in limits.stages] if ask.mode != "chain" else ask.steps[:1]
-            ask.steps = kept or ask.steps[:1]
+        if ask.mode == "chain":
+            ask.steps = ask.steps if limits.stages is None else ask.steps[:1]
+        else:
+            kept = limits.keep([s.name for s in ask.steps])
+            ask.steps = [s for s in ask.steps if s.name in kept]
         if limits.smallest_model:
-            def size(model: str) -> float:
-                return self.config.models[model].size_mb or float("inf")
-
-            ask.steps = [dataclasses.replace(s, models=tuple(sorted(s.models, key=size))) for s in ask.steps]
+            ask.steps = [dataclasses.replace(s, models=self.config.smallest_first(s.models)) for s in ask.steps]
         after = [(s.name, s.models[0]) for s in ask.steps]
         if after != before:
             info.update(changed=True, dropped=[name for name, _ in before if name not in dict(after)],
@@ -331,15 +338,15 @@ class Orchestrator:
                         pieces.append(item["text"])
                         await emit("token", stage=step.name, model=model, text=item["text"],
                                    confidence=item["confidence"], logprob=item["logprob"])
-                    elif "model" in item and len(item) == 1:
-                        model = item["model"]
+                    elif "end" in item:
+                        end = item
                     elif "context" in item:
                         await emit("context", stage=step.name, memory_ids=item["context"])
                     elif "error" in item:
                         log.warning("stage %s (%s) failed: %s", step.name, item["model"], item["message"])
                         await error(item["error"], item["message"], item["model"])
-                    else:
-                        end = item
+                    else:  # {"model", "cold"}: this model answers now
+                        model = item["model"]
         except TimeoutError:
             await error("timeout", f"the {step.name} stage took longer than {step.timeout_s:g} s and was stopped", model)
         except ray.exceptions.RayError as exc:

@@ -41,6 +41,8 @@ class App(Protocol):
     async def memory_op(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
     async def rate(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
     async def learn(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
+    async def hint(self, request: dict[str, Any]) -> dict[str, Any]: ...
+    async def models_op(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
     def new_ask(self, request: dict[str, Any]) -> Any: ...  # raises ProtocolError
     async def run_ask(self, ask: Any, emit: Emit) -> None: ...
     def cancel_ask(self, ask: Any) -> None: ...
@@ -165,6 +167,10 @@ class Server:
             self._spawn(self._report(ident, outbox, rid, "rated", self.app.rate(request)))
         elif type_ == "learn":
             self._spawn(self._report(ident, outbox, rid, type_, self.app.learn(request)))
+        elif type_ == "hint":
+            self._spawn(self._report(ident, outbox, rid, type_, self.app.hint(request)))
+        elif type_ == "models":
+            self._spawn(self._report(ident, outbox, rid, type_, self.app.models_op(request)))
         elif type_ == "cancel":
             entry = self._asks.get((ident, request["target"]))
             if entry:

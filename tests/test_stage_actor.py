@@ -33,24 +33,28 @@ def generate(actor, request_id, messages=MESSAGES, max_tokens=16, temperature=0.
 
 
 def test_loads_streams_and_ends(actor):
-    assert ray.get(actor.load.remote()) is True
+    loaded = ray.get(actor.load.remote())
+    assert loaded["loaded"] is True and loaded["model"] == "smollm2-135m" and loaded["error"] is None
     items = generate(actor, "r1", max_tokens=12)
-    assert items[0] == {"model": "smollm2-135m"}
+    assert items[0] == {"model": "smollm2-135m", "cold": False}
     tokens, end = items[1:-1], items[-1]
     assert end["end"] is True and end["tokens"] == len(tokens) == 12 and end["cancelled"] is False
-    assert end["model"] == "smollm2-135m"
+    assert end["model"] == "smollm2-135m" and end["cold"] is False
     assert all(0 <= t["confidence"] <= 1 and t["logprob"] <= 0 for t in tokens)
     info = ray.get(actor.info.remote())
     assert info["loaded"] and info["model"] == "smollm2-135m" and not info["busy"]
 
 
 def test_unload_and_load_on_request(actor):
-    ray.get(actor.unload.remote())
-    assert ray.get(actor.info.remote())["loaded"] is False
-    # A generation on an unloaded model loads it first.
+    assert ray.get(actor.unload.remote("smollm2-135m")) == ["smollm2-135m"]
+    assert ray.get(actor.unload.remote()) == []  # nothing left loaded
+    assert ray.get(actor.info.remote())["models"] == {"smollm2-135m": False, "ghost": False}
+    # A generation on an unloaded model loads it first, and says it answered cold.
     items = generate(actor, "r2", max_tokens=4)
-    assert items[-1]["tokens"] == 4
-    assert ray.get(actor.info.remote())["loaded"] is True
+    assert items[0]["cold"] is True and items[-1]["cold"] is True and items[-1]["tokens"] == 4
+    assert ray.get(actor.info.remote())["models"]["smollm2-135m"] is True
+    with pytest.raises(ray.exceptions.RayTaskError, match="does not run 'other'"):
+        ray.get(actor.load.remote("other"))
 
 
 def test_survives_a_failed_generation(actor):
@@ -63,7 +67,7 @@ def test_survives_a_failed_generation(actor):
 
 def test_cancel_stops_a_running_generation(actor):
     stream = actor.generate.options(num_returns="streaming").remote("r5", MESSAGES, 400, 0.2)
-    assert ray.get(next(stream)) == {"model": "smollm2-135m"}
+    assert ray.get(next(stream)) == {"model": "smollm2-135m", "cold": False}
     assert "text" in ray.get(next(stream))
     assert ray.get(actor.cancel.remote("r5")) is True
     rest = [ray.get(ref) for ref in stream]
@@ -73,12 +77,13 @@ def test_cancel_stops_a_running_generation(actor):
 
 def test_a_failing_model_hands_over_to_the_next(actor):
     fallback = StageActor.remote("deep", [GHOST, SMOLLM], 0.75)
-    assert ray.get(fallback.load.remote()) is False  # the primary cannot load
+    failed = ray.get(fallback.load.remote())  # the primary cannot load
+    assert failed["loaded"] is False and "does not exist" in failed["error"]
     assert "does not exist" in ray.get(fallback.info.remote())["error"]
     items = generate(fallback, "r6", max_tokens=6)
-    assert items[0] == {"model": "ghost"}
+    assert items[0] == {"model": "ghost", "cold": True}
     assert items[1]["error"] == "unknown_model" and items[1]["model"] == "ghost" and "does not exist" in items[1]["message"]
-    assert items[2] == {"model": "smollm2-135m"}
+    assert items[2] == {"model": "smollm2-135m", "cold": True}
     assert items[-1]["model"] == "smollm2-135m" and items[-1]["tokens"] == 6
     ray.kill(fallback)
 
