@@ -35,10 +35,11 @@ class Home:
     def client(self, **kwargs) -> Client:
         return Client(self.paths.endpoint, **kwargs)
 
-    def mirador(self, *args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess[str]:
-        """Run the real `mirador` CLI in this home."""
-        return subprocess.run([str(BIN / "mirador"), *args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, **kwargs)
+    def mirador(self, *args: str, timeout: float = 300, env: dict[str, str] | None = None,
+                **kwargs) -> subprocess.CompletedProcess[str]:
+        """Run the real `mirador` CLI in this home (``env``: extra variables)."""
+        return subprocess.run([str(BIN / "mirador"), *args], env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout, **kwargs)
 
 
 def make_home(config: dict[str, str] | None = None) -> Home:

@@ -4,13 +4,16 @@ No Ollama server can be installed on these machines, so this module runs a small
 127.0.0.1 that replays Ollama's real wire format: NDJSON streaming from POST /api/chat (one JSON
 object per line, a final `done: true` object, per-token `logprobs` when asked), an `{"error": ...}`
 line in the middle of a stream, HTTP 404 with `{"error": "model '...' not found"}` for an unknown
-model, load/unload replies (`done_reason: "load"` / `"unload"`), and GET /api/ps.
+model, load/unload replies (`done_reason: "load"` / `"unload"`), GET /api/ps, and POST /api/pull's
+progress stream (status lines, per-layer digest/total/completed, `{"error": ...}` for a tag the
+registry lacks).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +22,7 @@ import pytest
 
 from mirador.actors.backend import BackendUnavailable, GenerationOptions, ModelError, UnknownModel
 from mirador.actors.ollama_backend import OllamaBackend
+from tests.conftest import make_home
 
 CREATED = "2026-11-21T10:00:00.000000Z"
 ANSWER = [("The", -0.05), (" sky", -0.4), (" is", -0.01), (" blue", -1.2), (".", -0.3)]
@@ -61,6 +65,8 @@ class FakeOllama(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.requests.append((self.path, body))
         model = body.get("model")
+        if self.path == "/api/pull":
+            return self._ndjson(self._pull_lines(body["model"]))
         if model == "missing:latest":
             return self._json(404, {"error": f"model '{model}' not found"})
         if not body.get("messages"):  # load or unload
@@ -81,6 +87,17 @@ class FakeOllama(BaseHTTPRequestHandler):
                           "done": True, "done_reason": "stop", "total_duration": 1000, "load_duration": 10,
                           "prompt_eval_count": 12, "prompt_eval_duration": 100, "eval_count": 5, "eval_duration": 500})
         self._ndjson(lines)
+
+
+    @staticmethod
+    def _pull_lines(tag: str) -> list[dict]:
+        if tag == "missing:latest":  # what Ollama streams when the registry has no such tag
+            return [{"status": "pulling manifest"}, {"error": "pull model manifest: file does not exist"}]
+        digest, total = "sha256:" + "74701a8c35f6" * 5 + "abcd", 1_321_082_688
+        return [{"status": "pulling manifest"},
+                *({"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, "completed": done}
+                  for done in (0, total // 2, total)),
+                {"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +183,50 @@ def test_nothing_listening_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("OLLAMA_HOST", host)
     with pytest.raises(BackendUnavailable, match=host):
         run(collect(OllamaBackend("small", "llama3.2:1b")))
+
+
+def pull_cli(home, name: str, host: str):
+    return home.mirador("models", "pull", name, env={"OLLAMA_HOST": host})
+
+
+MANIFEST = """
+[models.remote-small]
+backend = "ollama"
+source = "llama3.2:1b"
+[models.remote-missing]
+backend = "ollama"
+source = "missing:latest"
+[models.local-gguf]
+backend = "llamacpp"
+source = "/nonexistent/model.gguf"
+"""
+
+
+@pytest.fixture
+def home():
+    h = make_home({"models.toml": MANIFEST})
+    yield h
+    shutil.rmtree(h.root, ignore_errors=True)
+
+
+def test_models_pull_streams_ollama_progress_and_errors(ollama_host, home):
+    pulled = pull_cli(home, "remote-small", ollama_host)
+    assert pulled.returncode == 0, pulled.stderr
+    assert FakeOllama.requests[-1] == ("/api/pull", {"model": "llama3.2:1b", "insecure": False, "stream": True})
+    lines = pulled.stderr.splitlines()  # not a terminal: each stage once, in order
+    assert lines[0] == "pulling manifest" and lines[-1] == "success" and "verifying sha256 digest" in lines
+    assert pulled.stdout.strip() == "pulled remote-small"
+
+    missing = pull_cli(home, "remote-missing", ollama_host)
+    assert missing.returncode == 1 and "Ollama could not pull 'missing:latest': pull model manifest: file does not exist" in missing.stderr
+    dead = pull_cli(home, "remote-small", f"http://127.0.0.1:{free_port()}")
+    assert dead.returncode == 1 and "Ollama is not running at" in dead.stderr and "ollama serve" in dead.stderr
+
+
+def test_models_pull_of_gguf_files_and_packages(home):
+    shipped = home.mirador("models", "pull", "smollm2-135m")  # the default model: its package is installed
+    assert shipped.returncode == 0 and "already installed: " in shipped.stderr and "SmolLM2-135M-Instruct" in shipped.stderr
+    path = home.mirador("models", "pull", "local-gguf")
+    assert path.returncode == 1 and "/nonexistent/model.gguf does not exist" in path.stderr and "cannot be pulled" in path.stderr
+    unknown = home.mirador("models", "pull", "nope")
+    assert unknown.returncode == 2 and "no model 'nope' in the manifest" in unknown.stderr
