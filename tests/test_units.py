@@ -74,6 +74,77 @@ def test_config_errors_say_where(tmp_path):
         load_config(paths, env={})
 
 
+MANIFEST = """
+[models.coder]
+backend = "llamacpp"
+source = "/m/coder.gguf"
+size_mb = 900
+roles = ["deep", "quick"]
+triggers = ["python", "c++", "unit test"]
+priority = 2
+[models.tiny-coder]
+backend = "llamacpp"
+source = "/m/tiny.gguf"
+size_mb = 100
+roles = ["quick"]
+triggers = ["python"]
+priority = 1
+"""
+
+
+def test_manifest_triggers_roles_and_priority_choose_a_stage_model(tmp_path):
+    paths = Paths.from_env({"MIRADOR_HOME": str(tmp_path)})
+    paths.config.mkdir(parents=True)
+    (paths.config / "models.toml").write_text(MANIFEST)
+    config = load_config(paths, env={})
+    coder = config.models["coder"]
+    assert coder.roles == ("deep", "quick") and coder.priority == 2 and coder.options == {}
+    assert coder.triggered_by("Fix my PYTHON script") and coder.triggered_by("c++ templates?")
+    assert coder.triggered_by("write a unit  test") and not coder.triggered_by("pythonic") and not coder.triggered_by("unit")
+    # Matching models in priority order, then the stage's own list (its fallbacks).
+    assert config.stage_models("quick", "python question") == ("coder", "tiny-coder", "smollm2-135m")
+    assert config.stage_models("quick", "hello") == ("smollm2-135m",)
+    assert config.stage_models("synthesis", "python question") == ("smollm2-135m",)  # no role there
+    assert config.actor_models("quick") == ("smollm2-135m", "coder", "tiny-coder")
+    assert config.smallest_first(("coder", "smollm2-135m", "tiny-coder")) == ("tiny-coder", "smollm2-135m", "coder")
+    assert config.actor_for_model("coder") == "quick" and config.actor_for_model("llama3-2-1b") == "model:llama3-2-1b"
+    assert config.preload.budget_mb == 0 and config.preload.budget_share == 0.5 and config.preload.threshold == 0.5
+    with pytest.raises(ConfigError, match=r"models.coder.roles names unknown stages"):
+        load_config(paths, env={"MIRADOR_MODELS__CODER__ROLES": '["nope"]'})
+    with pytest.raises(ConfigError, match=r"models.coder: roles and triggers must be lists of strings"):
+        load_config(paths, env={"MIRADOR_MODELS__CODER__TRIGGERS": '"python"'})
+    with pytest.raises(ConfigError, match=r"preload: budget_share"):
+        load_config(paths, env={"MIRADOR_PRELOAD__BUDGET_SHARE": "2"})
+
+
+def test_hint_and_models_requests_are_validated():
+    assert protocol.parse_request([protocol.request("hint", "h", text="how do")])["text"] == "how do"
+    assert protocol.parse_request([protocol.request("models", "m", op="load", name="x")])["name"] == "x"
+    for frame, message in [(protocol.request("hint", "h"), "'hint' needs 'text'"),
+                           (protocol.request("models", "m", op="fly"), "one of list, ps, load, unload"),
+                           (protocol.request("models", "m", op="unload"), "'unload' needs 'name'")]:
+        with pytest.raises(ProtocolError, match=message) as info:
+            protocol.parse_request([frame])
+        assert info.value.code == "bad_request"
+
+
+def test_route_history_reads_what_the_metrics_recorded(tmp_path):
+    from mirador.actors.preloader import route_history
+    from mirador.runtime.metrics import MetricsStore
+
+    store = MetricsStore(tmp_path / "metrics.sqlite3")
+    for i, (route, deep_model) in enumerate([("complex", "coder"), ("complex", "smollm2-135m"), ("simple", None)]):
+        stages = {"quick": {"model": "smollm2-135m", "tokens": 3}}
+        if deep_model:
+            stages["deep"] = {"model": deep_model, "tokens": 5}
+        store.record(f"q{i}", route, "progressive", {"duration_s": 1.0, "stages": stages, "errors": []})
+    store.close()
+    history = route_history(tmp_path / "metrics.sqlite3", ["quick", "deep"])
+    assert history["complex"] == (2, {("quick", "smollm2-135m"): 2, ("deep", "coder"): 1, ("deep", "smollm2-135m"): 1})
+    assert history["simple"] == (1, {("quick", "smollm2-135m"): 1})
+    assert route_history(tmp_path / "absent.sqlite3", ["quick"]) == {}
+
+
 def test_model_files_are_found_in_packages_without_importing_them():
     import sys
 
