@@ -8,7 +8,8 @@ model of its own):
   predicted  coder unloaded; the start of the question goes out as a `hint` (what `mirador chat`
              sends while the user types), the rest is "typed" for --typing seconds, then asked
   warm       coder loaded (the floor)
-Each round uses a new question, so no case finds the question in llama.cpp's prompt cache.
+Each question starts with a word of its own, so every case finds only the system prompt in
+llama.cpp's prompt cache.
 Also reports load and unload times per model (`mirador models load|unload`).
 Target (issue 5): predicted first token <= 1.1 x warm.
 
@@ -65,17 +66,20 @@ def main() -> None:
     unloads: dict[str, list[float]] = {"smollm2-135m": [], "coder": []}
     with private_daemon(home=home) as (_, paths), Client(paths.endpoint) as client:
         for i in range(args.runs + 1):  # round 0 warms up and is dropped
-            topic = TOPICS[i % len(TOPICS)]
-            question = f"In python, what are {topic} for (example {i})?"
-            client.models("unload", "coder")
-            cold = ask_first_token(client, question)
+            # Each question starts with its own word: every case finds only the system prompt in
+            # llama.cpp's prompt cache (a load warms exactly that), none a previous question's start.
+            def question(shift: int) -> str:
+                return f"{TOPICS[(i + shift) % len(TOPICS)].capitalize()} in python: what are they for ({i})?"
 
             client.models("unload", "coder")
-            client.hint(question[:12])  # "In python, w": the trigger word is typed
+            cold = ask_first_token(client, question(0))
+
+            client.models("unload", "coder")
+            client.hint(question(7)[:-12])  # the trigger word is typed; the rest comes during --typing
             time.sleep(args.typing)
-            predicted = ask_first_token(client, question.replace(topic, TOPICS[(i + 7) % len(TOPICS)]))
+            predicted = ask_first_token(client, question(7))
 
-            warm = ask_first_token(client, question.replace(topic, TOPICS[(i + 13) % len(TOPICS)]))
+            warm = ask_first_token(client, question(13))
             if i:
                 for name, value in (("cold", cold), ("predicted", predicted), ("warm", warm)):
                     samples[name].append(value * 1000)
