@@ -9,8 +9,9 @@ from typing import Any
 
 import click
 
-from . import daemon_control
+from . import daemon_control, remote
 from .api import Client, DaemonNotRunning, MiradorError
+from .cli_keys import keys
 from .paths import Paths
 from .render import Renderer
 
@@ -53,9 +54,36 @@ def _start_daemon(paths: Paths, args: list[str] | None = None) -> bool:
 
 
 @click.group()
+@click.option("--connect", metavar="tcp://HOST:PORT",
+              help="Use the daemon at this TCP endpoint (CurveZMQ, see `mirador keys`) instead of this machine's; "
+                   "default: MIRADOR_CONNECT, else [client] connect in mirador.toml.")
 @click.version_option(package_name="mirador-ai", prog_name="mirador")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, connect: str | None) -> None:
     """Mirador: a local-first personal AI daemon and its client."""
+    ctx.obj = connect
+
+
+def _remote() -> str | None:
+    """The remote daemon's TCP endpoint (--connect, MIRADOR_CONNECT, [client] connect); None: this machine's."""
+    try:
+        return remote.remote_endpoint(Paths.from_env(), click.get_current_context().find_root().obj)
+    except MiradorError as exc:
+        _fail(str(exc), 2)
+    return None
+
+
+def _client(endpoint: str | None, paths: Paths) -> Client:
+    """A client of the local daemon, or of the remote one once it answered a ping: a refused key or
+    an unreachable host is reported now rather than after an ask's idle timeout."""
+    try:
+        client = Client(endpoint or paths.endpoint)
+        if endpoint:
+            client.ping(timeout=10)
+        return client
+    except MiradorError as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
 
 
 @main.command()
@@ -79,7 +107,8 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
     if chain and (stages or sequential):
         _fail("--chain runs the chain's own steps; it cannot be combined with --stages or --sequential", 2)
     paths = Paths.from_env()
-    if not daemon_control.answers(paths):
+    endpoint = _remote()
+    if endpoint is None and not daemon_control.answers(paths):
         if no_autostart:
             _fail(f"no Mirador daemon is running (socket {paths.socket}); start one with `mirador daemon start`")
         click.echo(f"mirador: no daemon running; starting miradord in the background (log: {paths.logfile})", err=True)
@@ -88,7 +117,7 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     renderer = None if as_json else Renderer(sys.stdout, sys.stderr)
     failed = False
-    with Client(paths.endpoint) as client:
+    with _client(endpoint, paths) as client:
         events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature,
                             sequential=sequential, chain=chain, session=session, memory=not no_memory)
         try:
@@ -119,18 +148,23 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
 def _query(method: str, *args: Any, **fields: Any) -> dict[str, Any]:
     """One request to a running daemon (status, stats, memory), or a clear error."""
     paths = Paths.from_env()
+    endpoint = _remote()
     try:
-        if not paths.socket.exists():
+        if endpoint is None and not paths.socket.exists():
             raise DaemonNotRunning("")
-        with Client(paths.endpoint) as client:
+        with Client(endpoint or paths.endpoint) as client:
             reply = getattr(client, method)(*args, **fields)
         if reply.get("event") == "error":
             _fail(reply["message"])
         return reply
-    except DaemonNotRunning:
+    except DaemonNotRunning as exc:
+        if endpoint:
+            _fail(str(exc))
         if daemon_control.running_pid(paths) is not None:
             _fail("miradord is starting; try again in a moment")
         _fail("miradord is not running; start it with `mirador daemon start`")
+    except MiradorError as exc:  # a refused key, missing key files
+        _fail(str(exc))
     raise AssertionError("unreachable")
 
 
@@ -150,6 +184,7 @@ def _status_text(status: dict[str, Any]) -> str:
         f"  {'ready' if status.get('ready') else 'starting'}",
         f"ray:     {status['ray_address']} ({ray_how})",
         f"socket:  {status['socket']}",
+        *([f"listen:  {status['listen']} (CurveZMQ, keys in authorized_keys only)"] if status.get("listen") else []),
         f"log:     {status['log']}",
         "memory:  " + (f"{status['memory'].get('memories', '?')} memories, {status['memory'].get('bytes', 0) / 1e6:.1f} MB"
                        f" in {status['memory'].get('path')}" if status["memory"].get("enabled")
@@ -351,7 +386,11 @@ def memory_import(file: str) -> None:
 
 @main.group()
 def daemon() -> None:
-    """Start or stop the background daemon."""
+    """Start or stop the background daemon (on this machine)."""
+    endpoint = _remote()
+    if endpoint:
+        _fail(f"`mirador daemon` starts and stops the daemon on this machine, not the one at {endpoint} "
+              "(drop --connect, MIRADOR_CONNECT or [client] connect to manage this machine's)", 2)
 
 
 @daemon.command("start")
@@ -377,6 +416,9 @@ def daemon_stop() -> None:
     except MiradorError as exc:
         _fail(str(exc))
     click.echo(f"miradord (pid {pid}) stopped" if pid else "miradord is not running")
+
+
+main.add_command(keys)
 
 
 if __name__ == "__main__":
