@@ -14,6 +14,7 @@ from .api import Client, DaemonNotRunning, MiradorError
 from .cli_keys import keys
 from .paths import Paths
 from .render import Renderer
+from .service import service
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -419,6 +420,7 @@ def daemon_stop() -> None:
 
 
 main.add_command(keys)
+main.add_command(service)
 
 
 if __name__ == "__main__":
