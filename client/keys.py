@@ -109,11 +109,14 @@ def read_authorized(path: Path) -> tuple[set[bytes], list[str]]:
 
 
 def _write(path: Path, text: str, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the start, so a secret is never readable by others."""
-    path.unlink(missing_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    """Replace ``path`` in one step (a daemon may be reading authorized_keys), with ``mode`` from
+    the start so that a secret is never readable by others, not even for a moment."""
+    temporary = path.with_name(path.name + ".new")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "w") as out:
         out.write(text)
+    os.replace(temporary, path)
 
 
 def init_keys(paths: Paths, force: bool = False) -> tuple[KeyPair, KeyPair]:
