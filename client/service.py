@@ -187,6 +187,7 @@ class Launchd:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if self.path.exists():  # launchctl refuses to load a job that is loaded already
             _run("launchctl", "unload", str(self.path))
+        paths.state.mkdir(parents=True, exist_ok=True)  # launchd opens StandardErrorPath but makes no directory
         self.path.write_bytes(launchd_plist(str(miradord), env, str(paths.state / daemon_control.STDERR_NAME)))
         click.echo(f"wrote {self.path}")
         _note_running_daemon(paths)
@@ -215,7 +216,7 @@ class Launchd:
         click.echo(f"agent file: {self.path} ({'present' if self.path.exists() else 'absent'})")
         listed = _run("launchctl", "list", LAUNCHD_LABEL)
         loaded = listed is not None and listed.returncode == 0
-        pid = re.search(r'"PID" = (\d+);', listed.stdout) if loaded and listed else None
+        pid = re.search(r'"PID" = (\d+);', listed.stdout) if listed is not None and loaded else None
         click.echo(f"loaded: {'yes' if loaded else 'no'}")
         click.echo(f"running: {f'yes (pid {pid.group(1)})' if pid else 'no'}")
 
