@@ -9,7 +9,8 @@ Imports only pyzmq, msgpack and click, never Ray, ChromaDB or llama.cpp.
                 print(event["text"], end="", flush=True)
 """
 
-from .api import AsyncClient, Client, DaemonNotRunning, MiradorError
+from .api import AsyncClient, Client
+from .errors import AccessDenied, DaemonNotRunning, MiradorError
 from .paths import Paths
 
-__all__ = ["AsyncClient", "Client", "DaemonNotRunning", "MiradorError", "Paths"]
+__all__ = ["AccessDenied", "AsyncClient", "Client", "DaemonNotRunning", "MiradorError", "Paths"]

@@ -17,18 +17,18 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from . import protocol
+from . import protocol, remote
+from .errors import AccessDenied, DaemonNotRunning, MiradorError
 from .paths import Paths
 
 DEFAULT_IDLE_TIMEOUT = 300.0  # an ask may wait this long for the next event before giving up
 
 
-class MiradorError(Exception):
-    """An error whose message is meant for the user."""
-
-
-class DaemonNotRunning(MiradorError):
-    """Nothing answers at the daemon's endpoint."""
+# A CURVE client that the daemon refuses hears nothing on its socket: the refusal shows only as
+# an event on the socket's monitor.
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+_TCP_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL \
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
 class _Requests:
@@ -36,8 +36,12 @@ class _Requests:
 
     _ids = itertools.count(1)
 
-    def __init__(self, endpoint: str | None):
-        self.endpoint = endpoint or Paths.from_env().endpoint
+    def __init__(self, endpoint: str | None, curve: remote.Credentials | None):
+        paths = Paths.from_env()
+        self.endpoint = endpoint or remote.remote_endpoint(paths) or paths.endpoint
+        # A TCP endpoint is always CurveZMQ: the daemon accepts nothing else there.
+        self.curve = curve or (remote.credentials(paths) if self.endpoint.startswith("tcp://") else None)
+        self._connected = False  # over TCP: whether the connection was accepted at all
         self._stash: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
         self._ignored: set[str] = set()  # fire-and-forget requests whose replies nobody reads
         self._prefix = f"{os.getpid():x}-{id(self):x}-"
@@ -65,14 +69,39 @@ class _Requests:
         return protocol.request("cancel", rid, target=target)
 
     def _check_monitor(self, message: list[bytes]) -> None:
-        if parse_monitor_message(message)["event"] == zmq.EVENT_DISCONNECTED:
-            raise DaemonNotRunning(
-                f"the daemon closed the connection (it stopped or crashed); see {Paths.from_env().logfile}"
+        event = parse_monitor_message(message)["event"]
+        if event == zmq.EVENT_CONNECTED:
+            self._connected = True
+        elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            assert self.curve is not None
+            raise AccessDenied(
+                f"the daemon at {self.endpoint} refused this client: its public key {self.curve.public.decode()} is "
+                "not in the daemon's authorized_keys. On the daemon's machine, add that key as a line of "
+                "authorized_keys in Mirador's config dir (`mirador keys show` there lists the file and the keys), "
+                "or copy the client.key and client.key_secret that `mirador keys init` made there into "
+                f"{Paths.from_env().config / 'keys'} here"
             )
+        elif event in _HANDSHAKE_FAILED:
+            assert self.curve is not None
+            raise AccessDenied(
+                f"the CurveZMQ handshake with {self.endpoint} failed: the daemon public key this client uses "
+                f"({self.curve.server_key_from}) is not that daemon's (`mirador keys show` on its machine prints "
+                "the right one), or what listens there is not a miradord started with --listen"
+            )
+        elif event == zmq.EVENT_DISCONNECTED:
+            where = "in the daemon's log on its machine" if self.curve else f"in {Paths.from_env().logfile}"
+            raise DaemonNotRunning(f"the daemon closed the connection (it stopped or crashed); see {where}")
 
     def _not_running(self) -> DaemonNotRunning:
+        if self.curve is None:
+            return DaemonNotRunning(
+                f"no Mirador daemon answers at {self.endpoint}; start one with `mirador daemon start` (or run `miradord`)"
+            )
+        if self._connected:
+            return DaemonNotRunning(f"the daemon at {self.endpoint} accepted the connection but did not answer in time")
         return DaemonNotRunning(
-            f"no Mirador daemon answers at {self.endpoint}; start one with `mirador daemon start` (or run `miradord`)"
+            f"nothing accepts connections at {self.endpoint}: is miradord running there with "
+            "`--listen` (or [daemon] listen) on that address and port, and does no firewall block it?"
         )
 
     @staticmethod
@@ -95,22 +124,33 @@ class _Requests:
         return fields
 
 
-def _socket(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
-    """A DEALER connected to the daemon, and a monitor that reports when the daemon goes away."""
+def _socket(ctx: zmq.Context, endpoint: str, curve: remote.Credentials | None) -> tuple[zmq.Socket, zmq.Socket]:
+    """A DEALER connected to the daemon, and a monitor that reports when the daemon goes away
+    (and, over TCP, whether the daemon accepted this client)."""
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
-    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    events = zmq.EVENT_DISCONNECTED
+    if curve is not None:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = curve.server_key, curve.public, curve.secret
+        events |= _TCP_EVENTS
+    monitor = sock.get_monitor_socket(events)
     sock.connect(endpoint)
     return sock, monitor
 
 
 class Client(_Requests):
-    """Blocking client. ``with Client() as c: for event in c.ask("..."): ...``"""
+    """Blocking client. ``with Client() as c: for event in c.ask("..."): ...``
 
-    def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
-        super().__init__(endpoint)
+    ``endpoint`` defaults to MIRADOR_CONNECT, then ``[client] connect`` in the user's
+    mirador.toml, then the local daemon's socket. A ``tcp://`` endpoint uses CurveZMQ with
+    ``curve``, by default the keys in the config dir (see ``mirador.client.remote``).
+    """
+
+    def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 curve: remote.Credentials | None = None):
+        super().__init__(endpoint, curve)
         self.idle_timeout = idle_timeout
-        self._sock, self._monitor = _socket(zmq.Context.instance(), self.endpoint)
+        self._sock, self._monitor = _socket(zmq.Context.instance(), self.endpoint, self.curve)
         self._poller = zmq.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -227,10 +267,11 @@ class Client(_Requests):
 class AsyncClient(_Requests):
     """The asyncio twin of ``Client``: same methods, awaited; ``ask`` is an async iterator."""
 
-    def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT):
-        super().__init__(endpoint)
+    def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                 curve: remote.Credentials | None = None):
+        super().__init__(endpoint, curve)
         self.idle_timeout = idle_timeout
-        self._sock, self._monitor = _socket(zmq.asyncio.Context.instance(), self.endpoint)
+        self._sock, self._monitor = _socket(zmq.asyncio.Context.instance(), self.endpoint, self.curve)
         self._poller = zmq.asyncio.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)

@@ -62,32 +62,31 @@ class Hinter:
                     pass
 
 
-def run_chat(endpoint: str, answer: Callable[[Client, str], None]) -> None:
-    """The prompt loop: read a question, ``answer`` it, until end of input or /exit."""
-    with Client(endpoint) as client:
-        if not sys.stdin.isatty():
-            for line in sys.stdin:
-                if line.strip() in EXIT_WORDS:
-                    break
-                if line.strip():
-                    answer(client, line.strip())
-            return
-        from prompt_toolkit import PromptSession
+def run_chat(client: Client, answer: Callable[[Client, str], None]) -> None:
+    """The prompt loop: read a question, ``answer`` it with ``client``, until end of input or /exit."""
+    if not sys.stdin.isatty():
+        for line in sys.stdin:
+            if line.strip() in EXIT_WORDS:
+                break
+            if line.strip():
+                answer(client, line.strip())
+        return
+    from prompt_toolkit import PromptSession
 
-        hinter = Hinter(endpoint)
-        prompt: PromptSession[str] = PromptSession()
-        prompt.default_buffer.on_text_changed += lambda buffer: hinter.typed(buffer.text)
-        try:
-            while True:
-                try:
-                    text = prompt.prompt("› ").strip()
-                except KeyboardInterrupt:  # clears the line, like a shell
-                    continue
-                except EOFError:
-                    break
-                if text in EXIT_WORDS:
-                    break
-                if text:
-                    answer(client, text)
-        finally:
-            hinter.close()
+    hinter = Hinter(client.endpoint)
+    prompt: PromptSession[str] = PromptSession()
+    prompt.default_buffer.on_text_changed += lambda buffer: hinter.typed(buffer.text)
+    try:
+        while True:
+            try:
+                text = prompt.prompt("› ").strip()
+            except KeyboardInterrupt:  # clears the line, like a shell
+                continue
+            except EOFError:
+                break
+            if text in EXIT_WORDS:
+                break
+            if text:
+                answer(client, text)
+    finally:
+        hinter.close()

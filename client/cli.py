@@ -9,10 +9,12 @@ from typing import Any
 
 import click
 
-from . import daemon_control
+from . import daemon_control, remote
 from .api import Client, DaemonNotRunning, MiradorError
+from .cli_keys import keys
 from .paths import Paths
 from .render import Renderer
+from .service import service
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -53,9 +55,36 @@ def _start_daemon(paths: Paths, args: list[str] | None = None) -> bool:
 
 
 @click.group()
+@click.option("--connect", metavar="tcp://HOST:PORT",
+              help="Use the daemon at this TCP endpoint (CurveZMQ, see `mirador keys`) instead of this machine's; "
+                   "default: MIRADOR_CONNECT, else [client] connect in mirador.toml.")
 @click.version_option(package_name="mirador-ai", prog_name="mirador")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, connect: str | None) -> None:
     """Mirador: a local-first personal AI daemon and its client."""
+    ctx.obj = connect
+
+
+def _remote() -> str | None:
+    """The remote daemon's TCP endpoint (--connect, MIRADOR_CONNECT, [client] connect); None: this machine's."""
+    try:
+        return remote.remote_endpoint(Paths.from_env(), click.get_current_context().find_root().obj)
+    except MiradorError as exc:
+        _fail(str(exc), 2)
+    return None
+
+
+def _client(endpoint: str | None, paths: Paths) -> Client:
+    """A client of the local daemon, or of the remote one once it answered a ping: a refused key or
+    an unreachable host is reported now rather than after an ask's idle timeout."""
+    try:
+        client = Client(endpoint or paths.endpoint)
+        if endpoint:
+            client.ping(timeout=10)
+        return client
+    except MiradorError as exc:
+        _fail(str(exc))
+    raise AssertionError("unreachable")
 
 
 @main.command()
@@ -78,9 +107,8 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
         _fail("the question is empty", 2)
     if chain and (stages or sequential):
         _fail("--chain runs the chain's own steps; it cannot be combined with --stages or --sequential", 2)
-    paths = _daemon_paths(no_autostart)
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
-    with Client(paths.endpoint) as client:
+    with _connected(no_autostart) as client:
         events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature,
                             sequential=sequential, chain=chain, session=session, memory=not no_memory)
         try:
@@ -91,15 +119,17 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
     sys.exit(1 if failed else 0)
 
 
-def _daemon_paths(no_autostart: bool = False) -> Paths:
-    """The paths of a running daemon: started in the background when none runs, unless ``no_autostart``."""
+def _connected(no_autostart: bool = False) -> Client:
+    """A client of the daemon: the remote one (--connect), else this machine's, started in the
+    background when none runs (unless ``no_autostart``)."""
     paths = Paths.from_env()
-    if not daemon_control.answers(paths):
+    endpoint = _remote()
+    if endpoint is None and not daemon_control.answers(paths):
         if no_autostart:
             _fail(f"no Mirador daemon is running (socket {paths.socket}); start one with `mirador daemon start`")
         click.echo(f"mirador: no daemon running; starting miradord in the background (log: {paths.logfile})", err=True)
         _start_daemon(paths)
-    return paths
+    return _client(endpoint, paths)
 
 
 def _show_answer(events: Any, as_json: bool = False, rate_hint: bool = True) -> bool:
@@ -132,18 +162,23 @@ def _show_answer(events: Any, as_json: bool = False, rate_hint: bool = True) -> 
 def _query(method: str, *args: Any, **fields: Any) -> dict[str, Any]:
     """One request to a running daemon (status, stats, memory), or a clear error."""
     paths = Paths.from_env()
+    endpoint = _remote()
     try:
-        if not paths.socket.exists():
+        if endpoint is None and not paths.socket.exists():
             raise DaemonNotRunning("")
-        with Client(paths.endpoint) as client:
+        with Client(endpoint or paths.endpoint) as client:
             reply = getattr(client, method)(*args, **fields)
         if reply.get("event") == "error":
             _fail(reply["message"])
         return reply
-    except DaemonNotRunning:
+    except DaemonNotRunning as exc:
+        if endpoint:
+            _fail(str(exc))
         if daemon_control.running_pid(paths) is not None:
             _fail("miradord is starting; try again in a moment")
         _fail("miradord is not running; start it with `mirador daemon start`")
+    except MiradorError as exc:  # a refused key, missing key files
+        _fail(str(exc))
     raise AssertionError("unreachable")
 
 
@@ -163,6 +198,7 @@ def _status_text(status: dict[str, Any]) -> str:
         f"  {'ready' if status.get('ready') else 'starting'}",
         f"ray:     {status['ray_address']} ({ray_how})",
         f"socket:  {status['socket']}",
+        *([f"listen:  {status['listen']} (CurveZMQ, keys in authorized_keys only)"] if status.get("listen") else []),
         f"log:     {status['log']}",
         "memory:  " + (f"{status['memory'].get('memories', '?')} memories, {status['memory'].get('bytes', 0) / 1e6:.1f} MB"
                        f" in {status['memory'].get('path')}" if status["memory"].get("enabled")
@@ -372,7 +408,6 @@ def chat(session: str | None, no_memory: bool, max_tokens: int | None, no_autost
     need; Enter asks. Ctrl-C stops an answer, Ctrl-D (or /exit) leaves."""
     from .chat import run_chat
 
-    paths = _daemon_paths(no_autostart)
     name = session or datetime.now().strftime("chat-%Y%m%d-%H%M%S")
 
     def answer(client: Client, question: str) -> None:
@@ -383,7 +418,8 @@ def chat(session: str | None, no_memory: bool, max_tokens: int | None, no_autost
 
     if sys.stdin.isatty():
         click.echo(f"mirador chat, session {name}. Ctrl-D or /exit to leave.", err=True)
-    run_chat(paths.endpoint, answer)
+    with _connected(no_autostart) as client:
+        run_chat(client, answer)
 
 
 @main.group()
@@ -482,7 +518,11 @@ def models_pull(name: str) -> None:
 
 @main.group()
 def daemon() -> None:
-    """Start or stop the background daemon."""
+    """Start or stop the background daemon (on this machine)."""
+    endpoint = _remote()
+    if endpoint:
+        _fail(f"`mirador daemon` starts and stops the daemon on this machine, not the one at {endpoint} "
+              "(drop --connect, MIRADOR_CONNECT or [client] connect to manage this machine's)", 2)
 
 
 @daemon.command("start")
@@ -508,6 +548,10 @@ def daemon_stop() -> None:
     except MiradorError as exc:
         _fail(str(exc))
     click.echo(f"miradord (pid {pid}) stopped" if pid else "miradord is not running")
+
+
+main.add_command(keys)
+main.add_command(service)
 
 
 if __name__ == "__main__":

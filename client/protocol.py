@@ -6,6 +6,9 @@ Transport
     connects a DEALER socket. Every message is exactly ONE ZeroMQ frame holding ONE msgpack map
     with string keys (the client's DEALER sends ``[payload]``; the daemon's ROUTER sees
     ``[identity, payload]``). One connection may carry many requests at once.
+    A daemon started with ``--listen tcp://HOST:PORT`` also accepts TCP connections, only with
+    the CURVE security mechanism and a client public key listed in its authorized_keys (see
+    ``mirador.client.remote``); the messages are the same.
 
 Requests (client -> daemon)
     ``{"v": 1, "id": ID, "type": TYPE, ...fields}``

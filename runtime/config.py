@@ -128,6 +128,7 @@ class Config:
     """The daemon's whole configuration, validated."""
 
     log_level: str
+    listen: str  # a TCP endpoint for CurveZMQ clients besides the ipc socket; "" for none
     ray_address: str
     ray_num_cpus: int
     stages: dict[str, StageConfig]  # in display order
@@ -254,6 +255,7 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
     ray = raw.get("ray", {})
     return Config(
         log_level=str(raw.get("daemon", {}).get("log_level", "info")),
+        listen=str(raw.get("daemon", {}).get("listen", "")),
         ray_address=str(ray.get("address", "")),
         ray_num_cpus=int(ray.get("num_cpus", 0)),
         stages=stages,

@@ -24,6 +24,7 @@ from mirador.client.paths import Paths
 
 from mirador.client.protocol import ProtocolError
 
+from .access import TcpAccess
 from .config import Config, ConfigError, load_config
 
 log = logging.getLogger("mirador.daemon")
@@ -37,8 +38,9 @@ def version() -> str:
 
 
 class Daemon:
-    def __init__(self, config: Config, paths: Paths):
+    def __init__(self, config: Config, paths: Paths, tcp: TcpAccess | None = None):
         self.config, self.paths = config, paths
+        self.tcp = tcp  # the TCP endpoint for CurveZMQ clients, if any
         self.started_at = time.time()
         self.ray_address = ""
         self.ray_started = False
@@ -76,6 +78,7 @@ class Daemon:
             "ray_address": self.ray_address,
             "ray_started_here": self.ray_started,
             "socket": str(self.paths.socket),
+            "listen": self.tcp.endpoint if self.tcp else None,
             "log": str(self.paths.logfile),
             "actors": list(actors),
             "memory": memory,
@@ -276,7 +279,7 @@ class Daemon:
                     log.info("stage %s: %s loaded in %.2f s", result["actor"], result["model"], result["load_s"])
                 else:
                     log.error("stage %s: %s is not loaded: %s", result["actor"], result["model"], result["error"])
-            server = Server(self.paths.endpoint, self)
+            server = Server(self.paths.endpoint, self, self.tcp)
             server.bind()
             self.ready = True
             log.info("ready in %.1f s at %s", time.time() - self.started_at, self.paths.endpoint)
@@ -329,6 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="miradord", description="The Mirador daemon (runs in the foreground).")
     parser.add_argument("--ray-address", help="join this Ray cluster ('auto' or HOST:PORT) instead of starting a private one")
     parser.add_argument("--log-level", help="debug, info, warning or error (default from config: info)")
+    parser.add_argument("--listen", metavar="tcp://HOST:PORT",
+                        help="also serve CurveZMQ clients whose keys are in authorized_keys on this TCP endpoint "
+                             "(keys: `mirador keys init`; default from config: daemon.listen)")
     args = parser.parse_args(argv)
 
     paths = Paths.from_env()
@@ -338,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         from mirador.actors.energy import forced_profile
 
         forced_profile()  # a wrong MIRADOR_POWER_PROFILE is a start-up error, said plainly
+        listen = args.listen or config.listen
+        tcp = TcpAccess.load(listen, paths) if listen else None  # missing keys: said now, not after Ray starts
     except (ConfigError, OSError, ValueError) as exc:
         print(f"miradord: {exc}", file=sys.stderr)
         return 2
@@ -350,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("another miradord is already running for %s (pid file %s)", paths.runtime, paths.pidfile)
         return 1
     try:
-        asyncio.run(Daemon(config, paths).run())
+        asyncio.run(Daemon(config, paths, tcp).run())
     except Exception:
         log.exception("miradord failed")
         return 1

@@ -15,9 +15,12 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import zmq
 import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
 
 from mirador.client import protocol
 from mirador.client.protocol import ProtocolError
+
+from .access import TcpAccess, bind_tcp
 
 log = logging.getLogger("mirador.server")
 
@@ -121,11 +124,13 @@ class Outbox:
 
 
 class Server:
-    def __init__(self, endpoint: str, app: App):
-        self.endpoint = endpoint
+    def __init__(self, endpoint: str, app: App, tcp: TcpAccess | None = None):
+        self.endpoint = endpoint  # the ipc socket
         self.app = app
+        self.tcp = tcp  # also a TCP endpoint, for CurveZMQ clients only (see access.py)
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
+        self._authenticator: AsyncioAuthenticator | None = None
         self._outboxes: dict[bytes, Outbox] = {}
         self._asks: dict[tuple[bytes, str], tuple[Any, asyncio.Task[None]]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -141,6 +146,8 @@ class Server:
                 os.unlink(path)
         sock.bind(self.endpoint)
         self._sock = sock
+        if self.tcp is not None:
+            self._authenticator = bind_tcp(self._ctx, sock, self.tcp)
 
     async def serve(self) -> None:
         assert self._sock is not None, "bind() first"
@@ -240,6 +247,8 @@ class Server:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._sock is not None:
             self._sock.close(linger=0)
+        if self._authenticator is not None:
+            self._authenticator.stop()  # its socket must be closed before the context can end
         self._ctx.term()
         if self.endpoint.startswith("ipc://"):
             try:
