@@ -24,9 +24,14 @@ from mirador.client.paths import Paths
 
 from mirador.client.protocol import ProtocolError
 
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, Placement, load_config
 
 log = logging.getLogger("mirador.daemon")
+
+
+def actor_name(key: str) -> str:
+    """The Ray actor name of an actor key: stages are ``stage:NAME``, chain-only models ``model:NAME``."""
+    return key if key.startswith("model:") else f"stage:{key}"
 
 
 def version() -> str:
@@ -55,24 +60,29 @@ class Daemon:
 
     async def status(self) -> dict[str, Any]:
         async def one(key: str, actor: Any) -> dict[str, Any]:
-            name = key if key.startswith("model:") else f"stage:{key}"
+            name = actor_name(key)
+            placement = self.config.stages[key].placement if key in self.config.stages else Placement()
+            where = {"placement": placement.describe()}
             try:
-                return {"name": name, **await asyncio.wait_for(actor.info.remote(), 5)}
+                return {"name": name, **where, **await asyncio.wait_for(actor.info.remote(), 5)}
             except Exception as exc:  # a dead or stuck actor is reported, not fatal
-                return {"name": name, "stage": key, "loaded": False, "error": f"not responding ({type(exc).__name__})"}
+                return {"name": name, "stage": key, **where, "loaded": False,
+                        "error": f"not responding ({type(exc).__name__}): restarting, or waiting for {placement.describe()}"}
 
         actors = await asyncio.gather(*(one(s, a) for s, a in self.actors.items()))
         memory: dict[str, Any] = {"enabled": False, "error": self.memory_error}
         if self.memory is not None:
+            where = {"placement": self.config.memory.placement.describe()}
             try:
-                memory = {"enabled": True, **await asyncio.wait_for(self.memory.stats.remote(), 10)}
+                memory = {"enabled": True, **where, **await asyncio.wait_for(self.memory.stats.remote(), 10)}
             except Exception as exc:
-                memory = {"enabled": True, "error": f"not responding ({type(exc).__name__})"}
+                memory = {"enabled": True, **where, "error": f"not responding ({type(exc).__name__})"}
         return {
             **self.pong(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "ray_address": self.ray_address,
             "ray_started_here": self.ray_started,
+            "ray_namespace": self.config.ray_namespace,
             "socket": str(self.paths.socket),
             "log": str(self.paths.logfile),
             "actors": list(actors),
@@ -164,6 +174,29 @@ class Daemon:
     def _record(self, ask: Any, metrics: dict[str, Any]) -> None:
         self.metrics.record(ask.query_id, ask.route.kind, ask.mode, metrics)
 
+    async def _await_loads(self, loads: dict[str, Any]) -> None:
+        """Wait for the stages' models. A stage whose actor does not answer within ``actor_wait_s``
+        (no node of the cluster can hold it) is not waited for: questions skip it until a node
+        that can hold it joins; its queued ``load`` then runs there."""
+        import ray
+
+        async def one(name: str, load: Any) -> None:
+            actor, where = self.actors[name], self.config.stages[name].placement.describe()
+            try:  # info is answered while the model loads: this only waits for the actor to exist
+                await asyncio.wait_for(actor.info.remote(), self.config.actor_wait_s)
+                loaded = await load
+                info = await actor.info.remote()
+            except (TimeoutError, ray.exceptions.RayError) as exc:
+                log.error("stage %s: its actor is not running (%s); it needs %s. Questions skip it until it starts",
+                          name, type(exc).__name__, where)
+                return
+            if loaded:
+                log.info("stage %s: %s loaded on %s (%s)", name, info["model"], info["hostname"], info["node_ip"])
+            else:
+                log.error("stage %s: %s is not loaded: %s", name, info["model"], info["error"])
+
+        await asyncio.gather(*(one(name, load) for name, load in loads.items()))
+
     # -- life cycle -----------------------------------------------------------------------
     async def run(self) -> None:
         import ray
@@ -175,12 +208,14 @@ class Daemon:
 
         from .metrics import MetricsStore
         from .orchestrator import Orchestrator
+        from .placement import create
         from .ray_boot import start_ray
         from .server import Server
 
         log.info("miradord %s starting (pid %d); Ray %s", version(), os.getpid(),
                  f"at {self.config.ray_address}" if self.config.ray_address else "private, local")
-        self.ray_address, self.ray_started = start_ray(self.config.ray_address, self.config.ray_num_cpus, self.paths)
+        ns = self.config.ray_namespace
+        self.ray_address, self.ray_started = start_ray(self.config.ray_address, self.config.ray_num_cpus, self.paths, ns)
         # Ray installs its own SIGTERM handler in ray.init; ours go in after it.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -189,21 +224,24 @@ class Daemon:
 
         server = None
         self.metrics = MetricsStore(self.paths.data / "metrics.sqlite3")
+        here = Placement()  # the learner's data and the battery read are this machine's
         if self.config.memory.enabled:
-            self.memory = MemoryStore.remote(str(self.paths.data / "memory"))
+            self.memory = create(MemoryStore, "memory", self.config.memory.placement, ns, "memory.placement",
+                                 str(self.paths.data / "memory"))
         if self.config.learning_enabled:
-            self.learner = Learner.remote(str(self.paths.data / "learning.sqlite3"))
+            self.learner = create(Learner, "learner", here, ns, "learner", str(self.paths.data / "learning.sqlite3"))
         energy = self.config.energy
-        self.energy = EnergyMonitor.remote(energy.sensor, energy.low_battery_percent, forced_profile())
+        self.energy = create(EnergyMonitor, "energy", here, ns, "energy", energy.sensor, energy.low_battery_percent,
+                             forced_profile())
         try:
             def manifest(models: tuple[str, ...]) -> list[dict[str, Any]]:
                 return [dataclasses.asdict(self.config.models[m]) for m in models]
 
             for name, stage in self.config.stages.items():
-                self.actors[name] = StageActor.remote(name, manifest(stage.models), stage.confidence_prior)
+                self.actors[name] = create(StageActor, actor_name(name), stage.placement, ns, f"stages.{name}.placement",
+                                           name, manifest(stage.models), stage.confidence_prior)
             stage_actors = dict(self.actors)
-            loads = asyncio.gather(*(actor.load.remote(self.config.stages[name].system_prompt)
-                                     for name, actor in stage_actors.items()))
+            loads = {name: actor.load.remote(self.config.stages[name].system_prompt) for name, actor in stage_actors.items()}
             if self.memory is not None:
                 try:
                     stats = await self.memory.stats.remote()
@@ -220,13 +258,9 @@ class Daemon:
                 for step in chain.steps:
                     key = self.orchestrator.actor_for_model(step.model)
                     if key not in self.actors:
-                        self.actors[key] = StageActor.remote(key, manifest((step.model,)), 0.6)
-            for name, loaded in zip(stage_actors, await loads):
-                info = await self.actors[name].info.remote()
-                if loaded:
-                    log.info("stage %s: %s loaded", name, info["model"])
-                else:
-                    log.error("stage %s: %s is not loaded: %s", name, info["model"], info["error"])
+                        self.actors[key] = create(StageActor, actor_name(key), here, ns, f"chains.{chain.name}", key,
+                                                  manifest((step.model,)), 0.6)
+            await self._await_loads(loads)
             server = Server(self.paths.endpoint, self)
             server.bind()
             self.ready = True
@@ -240,9 +274,8 @@ class Daemon:
             if server is not None:
                 await server.close()
             for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner, self.energy])]:
-                ray.kill(actor)
-            if self.ray_started:
-                ray.shutdown()
+                ray.kill(actor)  # for good: no_restart is the default
+            ray.shutdown()  # stops the Ray it started; from a joined cluster it only disconnects
             self.metrics.close()
             log.info("stopped")
 
@@ -300,8 +333,17 @@ def main(argv: list[str] | None = None) -> int:
     if lock is None:
         log.error("another miradord is already running for %s (pid file %s)", paths.runtime, paths.pidfile)
         return 1
+    from .placement import ClusterError
+    from .ray_boot import ClusterJoinError
+
     try:
         asyncio.run(Daemon(config, paths).run())
+    except ConfigError as exc:  # found only once Ray checks it, e.g. a label selector's syntax
+        log.error("%s", exc)
+        return 2
+    except (ClusterJoinError, ClusterError) as exc:
+        log.error("%s", exc)
+        return 1
     except Exception:
         log.exception("miradord failed")
         return 1
