@@ -9,11 +9,17 @@ It tries the stage's models in order until one answers; it yields small dicts, n
 a model failure, and always ends with one ``end`` item, so the actor survives a failed
 generation and the caller always learns how the stage ended:
 
+    {"accepted": n}                                                  the actor has the request; n ahead of it
     {"context": [memory ids]}                                        memories given to the model
     {"model": name}                                                  this model answers now
     {"text": str, "logprob": float | None, "confidence": float}     one per token
     {"error": code, "message": str, "model": name}                   that model failed
-    {"end": True, "model", "tokens", "first_token_s", "duration_s", "tokens_per_s", "cancelled"}
+    {"end": True, "model", "tokens", "first_token_s", "duration_s", "tokens_per_s", "cancelled", "queued_s"}
+
+``accepted`` comes at once, before the request waits for its turn: a caller that does not get it
+soon knows the actor is not running (restarting, or waiting for a node), not merely busy.
+Requests take the model in arrival order (asyncio.Lock wakes its waiters first in, first out);
+``queued_s`` is how long this one waited for its turn.
 
 A model that fails before its first token hands over to the next one; once tokens have gone
 out, a failure ends the stage (a fallback would start the answer over).
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from typing import Any, AsyncIterator
 
@@ -31,6 +36,7 @@ import ray
 
 from .backend import Backend, GenerationOptions, Messages, ModelError, make_backend
 from .confidence import ConfidenceTracker
+from .node import node_info
 
 MEMORY_HEADER = "From earlier conversations with this user (use only what is relevant):"
 
@@ -77,18 +83,17 @@ class StageActor:
                 await backend.unload()
 
     async def info(self) -> dict[str, Any]:
-        ctx = ray.get_runtime_context()
         primary = self.backends[self.primary]
         return {
             "stage": self.stage,
             "model": self.primary,
             "fallbacks": [name for name in self.backends if name != self.primary],
             "backend": primary.kind,
+            "server": primary.server,
             "loaded": await primary.is_loaded(),
             "busy": self._generating,
             "error": self.load_error,
-            "node_id": ctx.get_node_id(),
-            "pid": os.getpid(),
+            **node_info(),
         }
 
     async def cancel(self, request_id: str) -> bool:
@@ -127,7 +132,9 @@ class StageActor:
         answered_by = None
         self._active.add(request_id)
         try:
+            yield {"accepted": len(self._active) - 1}
             async with self._turn:
+                turn = time.perf_counter()
                 self._generating = True
                 try:
                     if memories and memory_tokens > 0:
@@ -172,6 +179,7 @@ class StageActor:
                 "duration_s": round(time.perf_counter() - started, 6),
                 "tokens_per_s": round((count - 1) / decode_s, 2) if decode_s else None,
                 "cancelled": request_id in self._cancelled,
+                "queued_s": round(turn - started, 6),
             }
         finally:
             self._active.discard(request_id)

@@ -33,6 +33,12 @@ from .server import Emit
 
 log = logging.getLogger("mirador.orchestrator")
 
+ACTOR_RETRY_PAUSE_S = 0.25  # between calls to a stage actor that Ray is restarting
+
+
+class StageUnavailable(Exception):
+    """A stage's actor did not take the request within ``actor_wait_s``; the message says why."""
+
 
 @dataclass(frozen=True)
 class Step:
@@ -301,6 +307,48 @@ class Orchestrator:
             await asyncio.gather(*tasks, return_exceptions=True)
         return {name: fut.result() for name, fut in finished.items() if fut.done() and not fut.result().stats.get("skipped")}
 
+    def _why_down(self, step: Step) -> str:
+        stage = self.config.stages.get(step.actor_key)
+        if stage is None or stage.placement.local:
+            return "restarting after a failure"
+        return f"restarting after a failure, or no node of the cluster can hold it: it needs {stage.placement.describe()}"
+
+    @staticmethod
+    def _generate(actor: Any, args: tuple[Any, ...]) -> Any:
+        return actor.generate.options(num_returns="streaming").remote(*args)
+
+    async def _open(self, actor: Any, args: tuple[Any, ...], step: Step, stream: Any) -> Any:
+        """Wait until the stage's actor has taken the generation ``stream`` (its ``accepted`` item).
+
+        An actor that is down (crashed, or its node gone) refuses calls with a RayActorError while
+        Ray restarts it: such a call never started, so it is sent again. An actor that no node can
+        hold never answers at all. Either way the stage is given up after ``actor_wait_s``. A
+        call that failed after ``accepted`` is not sent again: it may have produced tokens, and
+        it may be what crashed the actor.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.actor_wait_s
+        last: Exception | None = None
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await (await anext(stream))
+                return stream
+            except TimeoutError:
+                break
+            except ray.exceptions.RayActorError as exc:
+                last = exc
+                if loop.time() + ACTOR_RETRY_PAUSE_S >= deadline:
+                    break
+                log.warning("stage %s: actor unavailable (%s); trying again", step.name, type(exc).__name__)
+                await asyncio.sleep(ACTOR_RETRY_PAUSE_S)
+                stream = self._generate(actor, args)
+        why = f"; last error: {type(last).__name__}" if last else ""
+        raise StageUnavailable(
+            f"the {step.name} stage's actor is not running ({self._why_down(step)}); "
+            f"skipped after {self.config.actor_wait_s:g} s{why}"
+        )
+
     async def _run_step(self, step: Step, ask: Ask, emit: Emit, previous: dict[str, str],
                         on_first_token: Callable[[], None] | None = None) -> StepResult:
         actor = self.actors[step.actor_key]
@@ -313,17 +361,16 @@ class Orchestrator:
         pieces: list[str] = []
         end: dict[str, Any] | None = None
         ask.running[step.name] = actor
-        # The actor starts on the prompt first; the stage_start frame goes out while it works.
         remembered = step.memory and ask.use_memory
-        stream = actor.generate.options(num_returns="streaming").remote(
-            ask.query_id, build_messages(step.system_prompt, ask.text, previous, ask.history if remembered else ()),
-            step.max_tokens, step.temperature, list(step.models),
-            ask.memories if remembered else None, self.config.memory.context_tokens,
-        )
+        args = (ask.query_id, build_messages(step.system_prompt, ask.text, previous, ask.history if remembered else ()),
+                step.max_tokens, step.temperature, list(step.models),
+                ask.memories if remembered else None, self.config.memory.context_tokens)
+        # The actor starts on the prompt first; the stage_start frame goes out while it works.
+        stream = self._generate(actor, args)
         try:
             await emit("stage_start", stage=step.name, model=model)
             async with asyncio.timeout(step.timeout_s):
-                async for ref in stream:
+                async for ref in await self._open(actor, args, step, stream):
                     item = await ref
                     if "text" in item:
                         if not pieces and on_first_token:
@@ -340,6 +387,9 @@ class Orchestrator:
                         await error(item["error"], item["message"], item["model"])
                     else:
                         end = item
+        except StageUnavailable as exc:
+            log.error("%s", exc)
+            await error("stage_unavailable", str(exc), model)
         except TimeoutError:
             await error("timeout", f"the {step.name} stage took longer than {step.timeout_s:g} s and was stopped", model)
         except ray.exceptions.RayError as exc:
