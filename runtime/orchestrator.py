@@ -329,20 +329,25 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.actor_wait_s
         last: Exception | None = None
-        while True:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await (await anext(stream))
-                return stream
-            except TimeoutError:
-                break
-            except ray.exceptions.RayActorError as exc:
-                last = exc
-                if loop.time() + ACTOR_RETRY_PAUSE_S >= deadline:
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await (await anext(stream))
+                    return stream
+                except TimeoutError:
                     break
-                log.warning("stage %s: actor unavailable (%s); trying again", step.name, type(exc).__name__)
-                await asyncio.sleep(ACTOR_RETRY_PAUSE_S)
-                stream = self._generate(actor, args)
+                except ray.exceptions.RayActorError as exc:
+                    last = exc
+                    if loop.time() + ACTOR_RETRY_PAUSE_S >= deadline:
+                        break
+                    log.warning("stage %s: actor unavailable (%s); trying again", step.name, type(exc).__name__)
+                    await asyncio.sleep(ACTOR_RETRY_PAUSE_S)
+                    stream = self._generate(actor, args)
+        except BaseException:
+            ray.cancel(stream)  # the question stopped meanwhile; the call must not run later
+            raise
+        ray.cancel(stream)  # may still be queued for an actor that a node could hold later
         why = f"; last error: {type(last).__name__}" if last else ""
         raise StageUnavailable(
             f"the {step.name} stage's actor is not running ({self._why_down(step)}); "
@@ -370,7 +375,8 @@ class Orchestrator:
         try:
             await emit("stage_start", stage=step.name, model=model)
             async with asyncio.timeout(step.timeout_s):
-                async for ref in await self._open(actor, args, step, stream):
+                stream = await self._open(actor, args, step, stream)
+                async for ref in stream:
                     item = await ref
                     if "text" in item:
                         if not pieces and on_first_token:
@@ -397,8 +403,10 @@ class Orchestrator:
             await error("stage_unavailable", f"the {step.name} stage's actor is not available: {type(exc).__name__}", model)
         finally:
             ask.running.pop(step.name, None)
-            if end is None:  # timed out, the client went away, or we failed: stop the model
-                actor.cancel.remote(ask.query_id)
+            if end is None:  # timed out, the client went away, or we failed: stop the model.
+                # ray.cancel interrupts the actor's coroutine wherever it waits, so a backend that
+                # hangs (a stalled server) cannot keep the model's turn from the next question.
+                ray.cancel(stream)
         stats = {k: v for k, v in (end or {"tokens": len(pieces)}).items() if k not in ("end", "model")}
         stats.setdefault("cancelled", ask.cancelled)
         await emit("stage_end", stage=step.name, model=model, **stats)

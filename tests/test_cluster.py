@@ -2,10 +2,14 @@
 nodes with custom resources and labels) that a real miradord joins with token authentication.
 
 Layout (node → what the config places there):
-  head    the daemon's driver; quick, learner, energy (no placement: the daemon's own node)
+  head    the daemon's driver; quick, learner, energy, stalled (no placement: the daemon's node)
   gpu-a   resources gpu_box=1     deep (``placement = {resources = {gpu_box = 0.001}}``) lands on
   gpu-b   resources gpu_box=1     one of these two, and moves to the other when its node goes
-  store   labels mirador-role=store   synthesis, memory and an Ollama stage (label selector)
+  store   labels mirador-role=store   synthesis, memory, ollama and flaky (label selector)
+
+The Ollama stages talk to no real Ollama (none can be installed here): ``ollama`` to an address
+where nothing listens, ``flaky`` and ``stalled`` to a small server in this process that speaks
+Ollama's streaming format and then drops the connection, or stops sending.
 
 The tests run in file order and share the cluster: the node tests remove nodes as they go.
 """
@@ -19,7 +23,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -39,7 +45,7 @@ CONFIG = """
 actor_wait_s = 6
 
 [stages]
-order = ["quick", "deep", "synthesis", "ollama"]
+order = ["quick", "deep", "synthesis", "ollama", "flaky", "stalled"]
 
 [stages.deep]
 placement = {resources = {gpu_box = 0.001}}
@@ -51,9 +57,79 @@ placement = {labels = {"mirador-role" = "store"}}
 models = ["llama3-2-1b"]
 placement = {labels = {"mirador-role" = "store"}}
 
+[stages.flaky]
+models = ["dies"]
+placement = {labels = {"mirador-role" = "store"}}
+
+[stages.stalled]
+models = ["stalls"]
+timeout_s = 2
+
 [memory]
 placement = {labels = {"mirador-role" = "store"}}
 """
+
+MODELS = """
+[models.dies]
+backend = "ollama"
+source = "dies:latest"
+host = "{host}"
+
+[models.stalls]
+backend = "ollama"
+source = "stalls:latest"
+host = "{host}"
+"""
+
+
+class BrokenOllama(BaseHTTPRequestHandler):
+    """Ollama's wire format up to a point: ``dies:latest`` streams two tokens and drops the
+    connection; ``stalls:latest`` streams one token and then sends nothing more."""
+
+    stop = threading.Event()
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, obj: dict) -> None:
+        body = json.dumps(obj).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self):  # /api/ps: nothing loaded
+        self._json({"models": []})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        model = body["model"]
+        if not body.get("messages"):  # a load request
+            return self._json({"model": model, "created_at": "2026-11-21T10:00:00Z", "done": True,
+                               "message": {"role": "assistant", "content": ""}, "done_reason": "load"})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        for text in ["The", " sky"][: 2 if model == "dies:latest" else 1]:
+            line = (json.dumps({"model": model, "created_at": "2026-11-21T10:00:00Z", "done": False,
+                                "message": {"role": "assistant", "content": text}}) + "\n").encode()
+            self.wfile.write(f"{len(line):x}\r\n".encode() + line + b"\r\n")
+            self.wfile.flush()
+        if model == "stalls:latest":
+            self.stop.wait()  # the connection stays open, silent
+        self.connection.shutdown(socket.SHUT_RDWR)  # gone mid-stream: no last chunk
+
+
+@pytest.fixture(scope="module")
+def broken_ollama():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), BrokenOllama)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    BrokenOllama.stop.set()
+    server.shutdown()
 
 
 def free_port() -> int:
@@ -113,7 +189,7 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def rig():
+def rig(broken_ollama):
     temp = tempfile.mkdtemp(prefix="mcl-", dir="/tmp")  # short: Ray's unix sockets live under it
     token = secrets.token_hex(16)
     # Nothing listens there: an Ollama stage that uses it fails at once, saying where it looked.
@@ -139,11 +215,11 @@ def rig():
                                    stderr=subprocess.PIPE, text=True)
         rig.refused = refused
 
-        home = make_home({"mirador.toml": CONFIG})
+        home = make_home({"mirador.toml": CONFIG, "models.toml": MODELS.replace("{host}", broken_ollama)})
         # Joining needs the same token; OLLAMA_HOST stays out, so only the cluster's nodes know it.
         home.env.update(MIRADOR_RAY__ADDRESS=rig.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
         home.env.pop("OLLAMA_HOST", None)
-        rig.token, rig.ollama_host = token, ollama_host
+        rig.token, rig.ollama_host, rig.broken_ollama = token, ollama_host, broken_ollama
         rig.daemon = start_daemon(home)
         yield rig
     finally:
@@ -188,6 +264,26 @@ def test_an_ollama_stage_talks_to_the_ollama_of_its_node(rig):
     (error,) = [e for e in events if e["event"] == "error"]
     assert error["code"] == "backend_unavailable" and rig.ollama_host in error["message"]
     assert events[-1]["event"] == "done"
+
+
+def test_a_backend_that_goes_away_mid_answer_ends_its_stage_with_an_error(rig):
+    events = rig.ask("Why is the sky blue?", stages=["flaky"], max_tokens=16)
+    assert "".join(e["text"] for e in events if e["event"] == "token") == "The sky"  # what came first is kept
+    (error,) = [e for e in events if e["event"] == "error"]
+    assert error["code"] == "backend_unavailable" and rig.broken_ollama in error["message"]
+    assert events[-1]["event"] == "done"
+
+
+def test_a_backend_that_stalls_is_stopped_and_frees_the_model(rig):
+    events = rig.ask("Why is the sky blue?", stages=["stalled"], max_tokens=16)
+    (error,) = [e for e in events if e["event"] == "error"]
+    assert error["code"] == "timeout" and events[-1]["event"] == "done"
+    # The stalled request was interrupted in the actor, so the model's turn is free again (a
+    # polite cancel would wait for a next token that never comes).
+    deadline = time.monotonic() + 5
+    while rig.actor("stage:stalled")["busy"]:
+        assert time.monotonic() < deadline, "the stalled generation still holds the model"
+        time.sleep(0.1)
 
 
 def test_a_killed_stage_actor_restarts_and_the_next_question_succeeds(rig):
