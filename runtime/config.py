@@ -59,6 +59,12 @@ class Placement:
         parts += [f"labels {', '.join(f'{k}={v}' for k, v in self.labels.items())}"] if self.labels else []
         return "a node with " + " and ".join(parts)
 
+    def why_not_running(self) -> str:
+        """What keeps an actor with this placement from answering, for error messages."""
+        if self.local:
+            return "restarting after a failure"
+        return f"restarting after a failure, or no node of the cluster can hold it: it needs {self.describe()}"
+
 
 @dataclass(frozen=True)
 class StageConfig:
@@ -224,10 +230,10 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
     ray = raw.get("ray", {})
     try:
         actor_wait_s = float(ray.get("actor_wait_s", 10))
+        if actor_wait_s <= 0:
+            raise ValueError
     except (TypeError, ValueError):
-        actor_wait_s = -1.0
-    if actor_wait_s <= 0:
-        raise ConfigError(f"ray.actor_wait_s must be a number of seconds > 0, not {ray.get('actor_wait_s')!r}")
+        raise ConfigError(f"ray.actor_wait_s must be a number of seconds > 0, not {ray.get('actor_wait_s')!r}") from None
     return Config(
         log_level=str(raw.get("daemon", {}).get("log_level", "info")),
         ray_address=str(ray.get("address", "")),

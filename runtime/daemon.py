@@ -67,7 +67,7 @@ class Daemon:
                 return {"name": name, **where, **await asyncio.wait_for(actor.info.remote(), 5)}
             except Exception as exc:  # a dead or stuck actor is reported, not fatal
                 return {"name": name, "stage": key, **where, "loaded": False,
-                        "error": f"not responding ({type(exc).__name__}): restarting, or waiting for {placement.describe()}"}
+                        "error": f"not responding ({type(exc).__name__}): {placement.why_not_running()}"}
 
         actors = await asyncio.gather(*(one(s, a) for s, a in self.actors.items()))
         memory: dict[str, Any] = {"enabled": False, "error": self.memory_error}
@@ -181,14 +181,14 @@ class Daemon:
         import ray
 
         async def one(name: str, load: Any) -> None:
-            actor, where = self.actors[name], self.config.stages[name].placement.describe()
+            actor, placement = self.actors[name], self.config.stages[name].placement
             try:  # info is answered while the model loads: this only waits for the actor to exist
                 await asyncio.wait_for(actor.info.remote(), self.config.actor_wait_s)
                 loaded = await load
                 info = await actor.info.remote()
             except (TimeoutError, ray.exceptions.RayError) as exc:
-                log.error("stage %s: its actor is not running (%s); it needs %s. Questions skip it until it starts",
-                          name, type(exc).__name__, where)
+                log.error("stage %s: its actor is not running (%s: %s); questions skip it until it starts",
+                          name, type(exc).__name__, placement.why_not_running())
                 return
             if loaded:
                 log.info("stage %s: %s loaded on %s (%s)", name, info["model"], info["hostname"], info["node_ip"])

@@ -27,7 +27,7 @@ import ray
 
 from mirador.client.protocol import ProtocolError
 
-from .config import Config
+from .config import Config, Placement
 from .router import Route, classify, question_type
 from .server import Emit
 
@@ -307,11 +307,9 @@ class Orchestrator:
             await asyncio.gather(*tasks, return_exceptions=True)
         return {name: fut.result() for name, fut in finished.items() if fut.done() and not fut.result().stats.get("skipped")}
 
-    def _why_down(self, step: Step) -> str:
+    def _placement(self, step: Step) -> Placement:
         stage = self.config.stages.get(step.actor_key)
-        if stage is None or stage.placement.local:
-            return "restarting after a failure"
-        return f"restarting after a failure, or no node of the cluster can hold it: it needs {stage.placement.describe()}"
+        return stage.placement if stage else Placement()  # chain-only models run on the daemon's node
 
     @staticmethod
     def _generate(actor: Any, args: tuple[Any, ...]) -> Any:
@@ -350,7 +348,7 @@ class Orchestrator:
         ray.cancel(stream)  # may still be queued for an actor that a node could hold later
         why = f"; last error: {type(last).__name__}" if last else ""
         raise StageUnavailable(
-            f"the {step.name} stage's actor is not running ({self._why_down(step)}); "
+            f"the {step.name} stage's actor is not running ({self._placement(step).why_not_running()}); "
             f"skipped after {self.config.actor_wait_s:g} s{why}"
         )
 
@@ -398,9 +396,10 @@ class Orchestrator:
             await error("stage_unavailable", str(exc), model)
         except TimeoutError:
             await error("timeout", f"the {step.name} stage took longer than {step.timeout_s:g} s and was stopped", model)
-        except ray.exceptions.RayError as exc:
+        except ray.exceptions.RayError as exc:  # after ``accepted``: the actor died while it answered
             log.error("stage %s actor failed: %s", step.name, exc)
-            await error("stage_unavailable", f"the {step.name} stage's actor is not available: {type(exc).__name__}", model)
+            await error("stage_unavailable", f"the {step.name} stage's actor stopped while answering (its process or its "
+                        f"node went away: {type(exc).__name__}); Ray restarts it for the next question", model)
         finally:
             ask.running.pop(step.name, None)
             if end is None:  # timed out, the client went away, or we failed: stop the model.
