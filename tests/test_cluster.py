@@ -142,12 +142,14 @@ class Rig:
     """The cluster (run by tests/cluster_rig.py in its own process), its nodes, and the daemon that joined it."""
 
     def __init__(self, env: dict[str, str], layout: dict):
-        self.proc = subprocess.Popen([str(BIN / "python"), str(Path(__file__).with_name("cluster_rig.py")), json.dumps(layout)],
-                                     env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                                     stderr=open(Path(env["RAY_TMPDIR"]) / "rig.stderr", "w"))
+        with open(Path(env["RAY_TMPDIR"]) / "rig.stderr", "w") as stderr:
+            self.proc = subprocess.Popen([str(BIN / "python"), str(Path(__file__).with_name("cluster_rig.py")),
+                                          json.dumps(layout)],
+                                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True)
         started = self._answer()
         self.address, self.nodes = started["address"], started["nodes"]  # role -> node id
-        self.daemon = None
+        self.daemon = self.refused = None  # the joined daemon; (a refused one, its stderr file)
+        self.ollama_host = self.broken_ollama = ""  # where the Ollama stages look
 
     def _answer(self) -> dict:
         line = self.proc.stdout.readline()
@@ -211,15 +213,15 @@ def rig(broken_ollama):
         outsider = make_home()
         outsider.env.update(MIRADOR_RAY__ADDRESS=rig.address, MIRADOR_MEMORY__ENABLED="false")
         outsider.paths.ensure()
-        refused = subprocess.Popen([str(BIN / "miradord")], env=outsider.env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
-        rig.refused = refused
+        with open(outsider.root / "stderr", "w") as stderr:  # a file: a full pipe would block it
+            refused = subprocess.Popen([str(BIN / "miradord")], env=outsider.env, stdout=subprocess.DEVNULL, stderr=stderr)
+        rig.refused = (refused, outsider.root / "stderr")
 
         home = make_home({"mirador.toml": CONFIG, "models.toml": MODELS.replace("{host}", broken_ollama)})
         # Joining needs the same token; OLLAMA_HOST stays out, so only the cluster's nodes know it.
         home.env.update(MIRADOR_RAY__ADDRESS=rig.address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
         home.env.pop("OLLAMA_HOST", None)
-        rig.token, rig.ollama_host, rig.broken_ollama = token, ollama_host, broken_ollama
+        rig.ollama_host, rig.broken_ollama = ollama_host, broken_ollama
         rig.daemon = start_daemon(home)
         yield rig
     finally:
@@ -350,9 +352,9 @@ def test_a_stage_no_node_can_hold_is_skipped_until_one_joins(rig):
 
 
 def test_a_daemon_without_the_clusters_token_is_refused_and_says_what_to_do(rig):
-    proc = rig.refused
+    proc, log = rig.refused
     assert proc.wait(timeout=120) == 1
-    stderr = proc.stderr.read()
+    stderr = log.read_text()
     assert "requires token authentication" in stderr and "RAY_AUTH_MODE=token" in stderr
     assert "~/.ray/auth_token" in stderr and "Traceback" not in stderr
 
