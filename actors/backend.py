@@ -69,6 +69,11 @@ class Backend(abc.ABC):
     def stream(self, messages: Messages, options: GenerationOptions) -> AsyncIterator[Token]:
         """Stream the reply; closing the iterator stops generation. Raises ModelError."""
 
+    @property
+    def server(self) -> str | None:
+        """The server this backend talks to, as resolved where it runs; None: the model is in this process."""
+        return None
+
     def count_tokens(self, text: str) -> int:
         """Tokens ``text`` takes in this model; backends without a local tokenizer estimate (~4 chars each)."""
         return len(text) // 4 + 1

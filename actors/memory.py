@@ -17,6 +17,8 @@ from typing import Any
 
 import ray
 
+from .node import node_info
+
 COLLECTION = "memories"
 METADATA_KEYS = ("question", "answer", "route", "models", "session", "ts", "query_id")
 
@@ -127,7 +129,7 @@ class Memories:
         return count
 
     def stats(self) -> dict[str, Any]:
-        return {"memories": self._col.count(), "bytes": _size(self.path), "path": str(self.path)}
+        return {"memories": self._col.count(), "bytes": _size(self.path), "path": str(self.path), **node_info()}
 
 
 MemoryStore = ray.remote(num_cpus=0, max_concurrency=4)(Memories)

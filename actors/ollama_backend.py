@@ -1,9 +1,12 @@
 """The Ollama backend: models served by a local (or remote) Ollama server.
 
 Talks through the official ``ollama`` AsyncClient. The host is the model's ``host`` option, else
-``$OLLAMA_HOST``, else Ollama's default. Every way of not reaching the server (refused
-connection, reset mid-stream, timeout) becomes one BackendUnavailable that says where Ollama
-was expected and how to start it; Ollama's own error replies become ModelError / UnknownModel.
+``$OLLAMA_HOST``, else Ollama's default, resolved where the backend runs: in the stage actor, so
+a stage placed on another node of a Ray cluster talks to that node's Ollama (its ``localhost``,
+or the ``OLLAMA_HOST`` of the ``ray start`` that started the node) unless the model names a host.
+Every way of not reaching the server (refused connection, reset mid-stream, timeout) becomes one
+BackendUnavailable that says where Ollama was expected and how to start it; Ollama's own error
+replies become ModelError / UnknownModel.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ class OllamaBackend(Backend):
         self.keep_alive = keep_alive
         self.num_ctx = num_ctx  # changing it makes Ollama reload the model, so it is fixed per model
         self._client = ollama.AsyncClient(host=self.host)
+
+    @property
+    def server(self) -> str:
+        return self.host
 
     def _unreachable(self) -> BackendUnavailable:
         return BackendUnavailable(

@@ -201,12 +201,6 @@ class Preloader:
         """The actors that can run ``model``."""
         return [key for key, models in self.runs.items() if model in models]
 
-    async def warm(self) -> list[dict[str, Any]]:
-        """At start: each stage's primary model, while they fit the budget (in stage order: the
-        budget lock is taken first come, first served), loading side by side."""
-        return list(await asyncio.gather(*(self.ensure(stage, config.models[0], evict=False)
-                                           for stage, config in self.config.stages.items())))
-
     async def load(self, model: str) -> list[dict[str, Any]]:
         return list(await asyncio.gather(*(self.ensure(key, model) for key in self.targets(model))))
 

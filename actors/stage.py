@@ -10,11 +10,17 @@ It tries the stage's models in order until one answers; it yields small dicts, n
 a model failure, and always ends with one ``end`` item, so the actor survives a failed
 generation and the caller always learns how the stage ended:
 
+    {"accepted": n}                                                  the actor has the request; n ahead of it
     {"context": [memory ids]}                                        memories given to the model
     {"model": name, "cold": bool}                                    this model answers now (cold: not loaded yet)
     {"text": str, "logprob": float | None, "confidence": float}     one per token
     {"error": code, "message": str, "model": name}                   that model failed
-    {"end": True, "model", "tokens", "first_token_s", "duration_s", "tokens_per_s", "cancelled", "cold"}
+    {"end": True, "model", "tokens", "first_token_s", "duration_s", "tokens_per_s", "cancelled", "cold", "queued_s"}
+
+``accepted`` comes at once, before the request waits for its turn: a caller that does not get it
+soon knows the actor is not running (restarting, or waiting for a node), not merely busy.
+Requests take the model in arrival order (asyncio.Lock wakes its waiters first in, first out);
+``queued_s`` is how long this one waited for its turn.
 
 A model that fails before its first token hands over to the next one; once tokens have gone
 out, a failure ends the stage (a fallback would start the answer over).
@@ -24,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from typing import Any, AsyncIterator
 
@@ -32,6 +37,7 @@ import ray
 
 from .backend import Backend, GenerationOptions, Messages, ModelError, make_backend
 from .confidence import ConfidenceTracker
+from .node import node_info
 
 MEMORY_HEADER = "From earlier conversations with this user (use only what is relevant):"
 
@@ -93,20 +99,19 @@ class StageActor:
             return unloaded
 
     async def info(self) -> dict[str, Any]:
-        ctx = ray.get_runtime_context()
         primary = self.backends[self.primary]
         return {
             "stage": self.stage,
             "model": self.primary,
             "fallbacks": [name for name in self.backends if name != self.primary],
             "backend": primary.kind,
+            "server": primary.server,
             "loaded": await primary.is_loaded(),
             "models": {name: await b.is_loaded() for name, b in self.backends.items()},
             "busy": self._generating is not None,
             "generating": self._generating,
             "error": self.errors.get(self.primary),
-            "node_id": ctx.get_node_id(),
-            "pid": os.getpid(),
+            **node_info(),
         }
 
     async def cancel(self, request_id: str) -> bool:
@@ -146,7 +151,9 @@ class StageActor:
         cold = False
         self._active.add(request_id)
         try:
+            yield {"accepted": len(self._active) - 1}
             async with self._turn:
+                turn = time.perf_counter()
                 try:
                     if memories and memory_tokens > 0:
                         with contextlib.suppress(ModelError):  # counting needs the model; a failing one is reported below
@@ -194,6 +201,7 @@ class StageActor:
                 "tokens_per_s": round((count - 1) / decode_s, 2) if decode_s else None,
                 "cancelled": request_id in self._cancelled,
                 "cold": cold,
+                "queued_s": round(turn - started, 6),
             }
         finally:
             self._active.discard(request_id)

@@ -190,18 +190,26 @@ def _power_text(power: dict[str, Any] | None) -> str:
     return f"{power['profile']}{' (forced by MIRADOR_POWER_PROFILE)' if power.get('forced') else ''}; {reading}"
 
 
+def _node_text(entry: dict[str, Any]) -> str:
+    """Where an actor runs: host (IP), Ray node id (short), pid."""
+    if not entry.get("node_id"):
+        return ""
+    return f"  on {entry.get('hostname', '?')} ({entry.get('node_ip', '?')}) node {entry['node_id'][:12]}  pid {entry['pid']}"
+
+
 def _status_text(status: dict[str, Any]) -> str:
     up = int(status["uptime_s"])
     ray_how = "started by the daemon" if status.get("ray_started_here") else "joined"
     lines = [
         f"miradord {status['version']}  pid {status['pid']}  up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s"
         f"  {'ready' if status.get('ready') else 'starting'}",
-        f"ray:     {status['ray_address']} ({ray_how})",
+        f"ray:     {status['ray_address']} ({ray_how}), namespace {status.get('ray_namespace', '?')}",
         f"socket:  {status['socket']}",
         *([f"listen:  {status['listen']} (CurveZMQ, keys in authorized_keys only)"] if status.get("listen") else []),
         f"log:     {status['log']}",
         "memory:  " + (f"{status['memory'].get('memories', '?')} memories, {status['memory'].get('bytes', 0) / 1e6:.1f} MB"
-                       f" in {status['memory'].get('path')}" if status["memory"].get("enabled")
+                       f" in {status['memory'].get('path')}{_node_text(status['memory'])}"
+                       if status["memory"].get("enabled") and not status["memory"].get("error")
                        else f"unavailable: {status['memory']['error']}" if status["memory"].get("error") else "off"),
         "power:   " + _power_text(status.get("power")),
         "actors:",
@@ -210,8 +218,8 @@ def _status_text(status: dict[str, Any]) -> str:
         state = "loaded" if actor.get("loaded") else "not loaded"
         if actor.get("busy"):
             state += ", generating"
-        where = f"  node {actor['node_id'][:12]}  pid {actor['pid']}" if actor.get("node_id") else ""
-        lines.append(f"  {actor['name']:<16} {actor.get('model', '?')} ({actor.get('backend', '?')})  {state}{where}")
+        backend = actor.get("backend", "?") + (f" at {actor['server']}" if actor.get("server") else "")
+        lines.append(f"  {actor['name']:<16} {actor.get('model', '?')} ({backend})  {state}{_node_text(actor)}")
         if actor.get("error"):
             lines.append(f"  {'':<16} error: {actor['error']}")
     return "\n".join(lines)

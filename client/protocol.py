@@ -59,7 +59,8 @@ Replies (daemon -> client)
                memory_ids} (the memories that stage was given), ``token`` {stage, model, text,
                confidence in [0, 1], logprob or null}..., ``stage_end`` {stage, model, tokens,
                first_token_s, duration_s, tokens_per_s, cancelled, cold (the model had to be
-               loaded first: nothing had preloaded it)}; then ``done`` {query_id,
+               loaded first: nothing had preloaded it), queued_s (time spent waiting for the
+               model behind other questions)}; then ``done`` {query_id,
                cancelled, metrics}: the answer is complete. When the exchange is to be
                remembered, ``done`` is not final: ``remembered`` {query_id, memory_id} follows
                (final) once it is stored on disk; a client may leave at ``done``. In
@@ -70,10 +71,11 @@ Replies (daemon -> client)
                ask still ends with ``done``.
     ``cancel`` ``ack`` {target, found} (final). The cancelled ask then ends with ``done``
                whose ``cancelled`` is true.
-    ``status`` ``status`` {pid, version, uptime_s, ready, ray_address, actors: [{name, stage,
-               model, fallbacks, backend, loaded, busy, node_id, pid}], memory: {enabled, memories,
-               bytes, path}, power {profile, measured, forced, battery, sensor_error}, routes,
-               chains} (final).
+    ``status`` ``status`` {pid, version, uptime_s, ready, ray_address, ray_started_here,
+               ray_namespace, actors: [{name, stage, model, fallbacks, backend, server, loaded,
+               busy, models: {name: loaded}, generating, placement, node_id, node_ip, hostname, pid}], memory: {enabled, memories,
+               bytes, path, placement, node_id, node_ip, hostname, pid}, power {profile,
+               measured, forced, battery, sensor_error}, routes, chains} (final).
     ``memory`` ``memory`` {records: [...]} or {forgotten: n} or {imported: n} (final).
     ``rate``   ``rated`` {query_id, type, plan, rating} (final).
     ``hint``   ``hint`` {predictions: [{actor, model, p, why, loaded}]} (final), at once: the
@@ -101,12 +103,15 @@ Replies (daemon -> client)
     ``shutting_down``, ``internal``.
     Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
     backend lacks it), ``backend_unavailable`` (e.g. Ollama is not running), ``timeout`` and
-    ``stage_unavailable`` (its actor died).
+    ``stage_unavailable`` (its actor is not running: it crashed or its node left mid-answer, or
+    it was not back, or no node could hold it, within ``[ray] actor_wait_s``).
 
 Flow control
     The daemon never drops a reply: its ROUTER socket uses ROUTER_MANDATORY, and when a client's
-    queue is full it waits (and slows that client's generation) instead of discarding. When a
-    client goes away, its asks are cancelled.
+    queue is full it waits instead of discarding: that client's answer reaches it later, while
+    the model finishes it at full speed (Ray buffers the stream) and then serves the next
+    question, so a slow client never holds up others. When a client goes away, its asks are
+    cancelled (noticed at the next frame sent to it; the model stops at its next token).
 """
 
 from __future__ import annotations

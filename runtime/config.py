@@ -47,6 +47,37 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """Where on a Ray cluster an actor may run. Empty: on the daemon's own node (the default).
+
+    ``resources``: custom resources the actor needs from a node (``ray start --resources``); a
+    tiny amount such as 0.001 pins it to the nodes that have the resource without limiting how
+    many actors fit there. ``labels``: a Ray label selector over the nodes' labels
+    (``ray start --labels``); a value may be ``!v``, ``in(a,b)`` or ``!in(a,b)``.
+    """
+
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def local(self) -> bool:
+        return not self.resources and not self.labels
+
+    def describe(self) -> str:
+        if self.local:
+            return "the daemon's node"
+        parts = [f"resources {', '.join(f'{k}={v:g}' for k, v in self.resources.items())}"] if self.resources else []
+        parts += [f"labels {', '.join(f'{k}={v}' for k, v in self.labels.items())}"] if self.labels else []
+        return "a node with " + " and ".join(parts)
+
+    def why_not_running(self) -> str:
+        """What keeps an actor with this placement from answering, for error messages."""
+        if self.local:
+            return "restarting after a failure"
+        return f"restarting after a failure, or no node of the cluster can hold it: it needs {self.describe()}"
+
+
+@dataclass(frozen=True)
 class StageConfig:
     """One stage: which models answer (primary first), with what prompt and limits."""
 
@@ -60,6 +91,7 @@ class StageConfig:
     after_first_token_of: str | None = None  # start when that stage's first token is out
     needs: tuple[str, ...] = ()  # finished answers this stage receives, when in the plan
     memory: bool = False  # receives recalled memories and session history
+    placement: Placement = Placement()
 
     @property
     def model(self) -> str:
@@ -89,6 +121,7 @@ class MemoryConfig:
     min_similarity: float = 0.4
     context_tokens: int = 256
     session_turns: int = 4
+    placement: Placement = Placement()
 
 
 @dataclass(frozen=True)
@@ -131,6 +164,8 @@ class Config:
     listen: str  # a TCP endpoint for CurveZMQ clients besides the ipc socket; "" for none
     ray_address: str
     ray_num_cpus: int
+    ray_namespace: str  # the daemon's actors are named in it: two daemons on one cluster need two
+    actor_wait_s: float  # how long a question waits for a stage actor that is not running
     stages: dict[str, StageConfig]  # in display order
     models: dict[str, ModelSpec]
     routes: dict[str, tuple[str, ...]]  # question class -> stages
@@ -253,11 +288,19 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
         chains[name] = ChainConfig(name, str(chain.get("description", "")), steps)
 
     ray = raw.get("ray", {})
+    try:
+        actor_wait_s = float(ray.get("actor_wait_s", 10))
+        if actor_wait_s <= 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"ray.actor_wait_s must be a number of seconds > 0, not {ray.get('actor_wait_s')!r}") from None
     return Config(
         log_level=str(raw.get("daemon", {}).get("log_level", "info")),
         listen=str(raw.get("daemon", {}).get("listen", "")),
         ray_address=str(ray.get("address", "")),
         ray_num_cpus=int(ray.get("num_cpus", 0)),
+        ray_namespace=str(ray.get("namespace") or "mirador"),
+        actor_wait_s=actor_wait_s,
         stages=stages,
         models=models,
         routes=routes,
@@ -293,6 +336,7 @@ def _stages(stages_raw: dict[str, Any], models: dict[str, ModelSpec]) -> dict[st
                 after_first_token_of=s.get("after_first_token_of") or None,
                 needs=tuple(s.get("needs", ())),
                 memory=bool(s.get("memory", False)),
+                placement=_placement(s.get("placement"), f"stages.{name}.placement"),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"stages.{name}: {exc}") from None
@@ -313,9 +357,41 @@ def _memory(m: dict[str, Any]) -> MemoryConfig:
             min_similarity=float(m.get("min_similarity", 0.4)),
             context_tokens=int(m.get("context_tokens", 256)),
             session_turns=int(m.get("session_turns", 4)),
+            placement=_placement(m.get("placement"), "memory.placement"),
         )
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"memory: {exc}") from None
+
+
+# Ray schedules these through their own options (num_cpus, num_gpus, memory), not as custom resources.
+_RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+
+
+def _placement(table: Any, where: str) -> Placement:
+    """Check a ``placement = {resources = {...}, labels = {...}}`` table. Ray checks label syntax
+    itself when the daemon creates the actor, which is reported against ``where`` too."""
+    if table is None:
+        return Placement()
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table: {{resources = {{...}}, labels = {{...}}}}")
+    unknown = sorted(set(table) - {"resources", "labels"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {', '.join(map(repr, unknown))}; expected resources and/or labels")
+    resources, labels = table.get("resources", {}), table.get("labels", {})
+    if not isinstance(resources, dict) or not isinstance(labels, dict):
+        raise ConfigError(f"{where}: resources and labels must be tables, e.g. resources = {{gpu_box = 0.001}}")
+    for name, amount in resources.items():
+        if name in _RAY_BUILTIN_RESOURCES:
+            raise ConfigError(f"{where}.resources: {name!r} is one of Ray's own resources; name a custom resource "
+                              "that the node was started with (ray start --resources)")
+        # Ray takes fractions up to 1, and whole numbers above it.
+        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0 or (amount > 1 and amount != int(amount)):
+            raise ConfigError(f"{where}.resources.{name} must be a number > 0 (a fraction up to 1, or a whole number), "
+                              f"not {amount!r}; 0.001 pins an actor to nodes with the resource without limiting how many fit")
+    for key, value in labels.items():
+        if not isinstance(value, str) or not key:
+            raise ConfigError(f"{where}.labels.{key} must be a string, e.g. labels = {{\"mirador-role\" = \"gpu\"}}")
+    return Placement({k: float(v) for k, v in resources.items()}, dict(labels))
 
 
 def _energy(e: dict[str, Any], stages: dict[str, StageConfig]) -> EnergyConfig:

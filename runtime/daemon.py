@@ -25,9 +25,14 @@ from mirador.client.paths import Paths
 from mirador.client.protocol import ProtocolError
 
 from .access import TcpAccess
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, Placement, load_config
 
 log = logging.getLogger("mirador.daemon")
+
+
+def actor_name(key: str) -> str:
+    """The Ray actor name of an actor key: stages are ``stage:NAME``, chain-only models ``model:NAME``."""
+    return key if key.startswith("model:") else f"stage:{key}"
 
 
 def version() -> str:
@@ -59,24 +64,29 @@ class Daemon:
 
     async def status(self) -> dict[str, Any]:
         async def one(key: str, actor: Any) -> dict[str, Any]:
-            name = key if key.startswith("model:") else f"stage:{key}"
+            name = actor_name(key)
+            placement = self.config.stages[key].placement if key in self.config.stages else Placement()
+            where = {"placement": placement.describe()}
             try:
-                return {"name": name, **await asyncio.wait_for(actor.info.remote(), 5)}
+                return {"name": name, **where, **await asyncio.wait_for(actor.info.remote(), 5)}
             except Exception as exc:  # a dead or stuck actor is reported, not fatal
-                return {"name": name, "stage": key, "loaded": False, "error": f"not responding ({type(exc).__name__})"}
+                return {"name": name, "stage": key, **where, "loaded": False,
+                        "error": f"not responding ({type(exc).__name__}): {placement.why_not_running()}"}
 
         actors = await asyncio.gather(*(one(s, a) for s, a in self.actors.items()))
         memory: dict[str, Any] = {"enabled": False, "error": self.memory_error}
         if self.memory is not None:
+            where = {"placement": self.config.memory.placement.describe()}
             try:
-                memory = {"enabled": True, **await asyncio.wait_for(self.memory.stats.remote(), 10)}
+                memory = {"enabled": True, **where, **await asyncio.wait_for(self.memory.stats.remote(), 10)}
             except Exception as exc:
-                memory = {"enabled": True, "error": f"not responding ({type(exc).__name__})"}
+                memory = {"enabled": True, **where, "error": f"not responding ({type(exc).__name__})"}
         return {
             **self.pong(),
             "uptime_s": round(time.time() - self.started_at, 1),
             "ray_address": self.ray_address,
             "ray_started_here": self.ray_started,
+            "ray_namespace": self.config.ray_namespace,
             "socket": str(self.paths.socket),
             "listen": self.tcp.endpoint if self.tcp else None,
             "log": str(self.paths.logfile),
@@ -215,6 +225,30 @@ class Daemon:
     def _record(self, ask: Any, metrics: dict[str, Any]) -> None:
         self.metrics.record(ask.query_id, ask.route.kind, ask.mode, metrics)
 
+    async def _await_loads(self, loads: dict[str, Any]) -> None:
+        """Wait for the stages' models. A stage whose actor does not answer within ``actor_wait_s``
+        (no node of the cluster can hold it) is not waited for: questions skip it until a node
+        that can hold it joins; its queued ``load`` then runs there."""
+        import ray
+
+        async def one(name: str, load: Any) -> None:
+            actor, placement = self.actors[name], self.config.stages[name].placement
+            try:  # info is answered while the model loads: this only waits for the actor to exist
+                await asyncio.wait_for(actor.info.remote(), self.config.actor_wait_s)
+                loaded = await load  # the preloader's report
+                info = await actor.info.remote()
+            except (TimeoutError, ray.exceptions.RayError) as exc:
+                log.error("stage %s: its actor is not running (%s: %s); questions skip it until it starts",
+                          name, type(exc).__name__, placement.why_not_running())
+                return
+            if loaded["loaded"]:
+                log.info("stage %s: %s loaded in %.2f s on %s (%s)", name, loaded["model"], loaded["load_s"],
+                         info["hostname"], info["node_ip"])
+            else:
+                log.error("stage %s: %s is not loaded: %s", name, loaded["model"], loaded["error"])
+
+        await asyncio.gather(*(one(name, load) for name, load in loads.items()))
+
     # -- life cycle -----------------------------------------------------------------------
     async def run(self) -> None:
         import ray
@@ -227,12 +261,14 @@ class Daemon:
 
         from .metrics import MetricsStore
         from .orchestrator import Orchestrator
+        from .placement import create
         from .ray_boot import start_ray
         from .server import Server
 
         log.info("miradord %s starting (pid %d); Ray %s", version(), os.getpid(),
                  f"at {self.config.ray_address}" if self.config.ray_address else "private, local")
-        self.ray_address, self.ray_started = start_ray(self.config.ray_address, self.config.ray_num_cpus, self.paths)
+        ns = self.config.ray_namespace
+        self.ray_address, self.ray_started = start_ray(self.config.ray_address, self.config.ray_num_cpus, self.paths, ns)
         # Ray installs its own SIGTERM handler in ray.init; ours go in after it.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -241,27 +277,36 @@ class Daemon:
 
         server = None
         self.metrics = MetricsStore(self.paths.data / "metrics.sqlite3")
+        here = Placement()  # the learner's data and the battery read are this machine's
         if self.config.memory.enabled:
-            self.memory = MemoryStore.remote(str(self.paths.data / "memory"))
+            self.memory = create(MemoryStore, "memory", self.config.memory.placement, ns, "memory.placement",
+                                 str(self.paths.data / "memory"))
         if self.config.learning_enabled:
-            self.learner = Learner.remote(str(self.paths.data / "learning.sqlite3"))
+            self.learner = create(Learner, "learner", here, ns, "learner", str(self.paths.data / "learning.sqlite3"))
         energy = self.config.energy
-        self.energy = EnergyMonitor.remote(energy.sensor, energy.low_battery_percent, forced_profile())
+        self.energy = create(EnergyMonitor, "energy", here, ns, "energy", energy.sensor, energy.low_battery_percent,
+                             forced_profile())
         try:
             def manifest(models: tuple[str, ...]) -> list[dict[str, Any]]:
                 return [dataclasses.asdict(self.config.models[m]) for m in models]
 
             for name, stage in self.config.stages.items():
                 self.runs[name] = self.config.actor_models(name)
-                self.actors[name] = StageActor.remote(name, manifest(self.runs[name]), stage.confidence_prior, stage.system_prompt)
+                self.actors[name] = create(StageActor, actor_name(name), stage.placement, ns, f"stages.{name}.placement",
+                                           name, manifest(self.runs[name]), stage.confidence_prior, stage.system_prompt)
             for chain in self.config.chains.values():  # chain models no stage runs get an actor, loaded on use
                 for step in chain.steps:
                     key = self.config.actor_for_model(step.model)
                     if key not in self.actors:
                         self.runs[key] = (step.model,)
-                        self.actors[key] = StageActor.remote(key, manifest(self.runs[key]), 0.6)
-            self.preloader = Preloader.remote(self.config, self.actors, self.runs, str(self.paths.data / "metrics.sqlite3"))
-            warming = self.preloader.warm.remote()
+                        self.actors[key] = create(StageActor, actor_name(key), here, ns, f"chains.{chain.name}", key,
+                                                  manifest(self.runs[key]), 0.6)
+            self.preloader = create(Preloader, "preloader", here, ns, "preloader", self.config, self.actors, self.runs,
+                                    str(self.paths.data / "metrics.sqlite3"))
+            # Each stage's first model, while it fits the budget (asked in stage order: the
+            # preloader serves the budget first come, first served).
+            loads = {name: self.preloader.ensure.remote(name, stage.models[0], False)
+                     for name, stage in self.config.stages.items()}
             if self.memory is not None:
                 try:
                     stats = await self.memory.stats.remote()
@@ -274,11 +319,7 @@ class Daemon:
             self.orchestrator.power = await self.energy.read.remote()
             log.info("power profile: %s (battery %s)", self.orchestrator.power["profile"], self.orchestrator.power["battery"])
             watching = asyncio.ensure_future(self._watch_power())
-            for result in await warming:
-                if result["loaded"]:
-                    log.info("stage %s: %s loaded in %.2f s", result["actor"], result["model"], result["load_s"])
-                else:
-                    log.error("stage %s: %s is not loaded: %s", result["actor"], result["model"], result["error"])
+            await self._await_loads(loads)
             server = Server(self.paths.endpoint, self, self.tcp)
             server.bind()
             self.ready = True
@@ -292,9 +333,8 @@ class Daemon:
             if server is not None:
                 await server.close()
             for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner, self.energy, self.preloader])]:
-                ray.kill(actor)
-            if self.ray_started:
-                ray.shutdown()
+                ray.kill(actor)  # for good: no_restart is the default
+            ray.shutdown()  # stops the Ray it started; from a joined cluster it only disconnects
             self.metrics.close()
             log.info("stopped")
 
@@ -357,8 +397,17 @@ def main(argv: list[str] | None = None) -> int:
     if lock is None:
         log.error("another miradord is already running for %s (pid file %s)", paths.runtime, paths.pidfile)
         return 1
+    from .placement import ClusterError
+    from .ray_boot import ClusterJoinError
+
     try:
         asyncio.run(Daemon(config, paths, tcp).run())
+    except ConfigError as exc:  # found only once Ray checks it, e.g. a label selector's syntax
+        log.error("%s", exc)
+        return 2
+    except (ClusterJoinError, ClusterError) as exc:
+        log.error("%s", exc)
+        return 1
     except Exception:
         log.exception("miradord failed")
         return 1

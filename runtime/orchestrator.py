@@ -27,11 +27,17 @@ import ray
 
 from mirador.client.protocol import ProtocolError
 
-from .config import Config
+from .config import Config, Placement
 from .router import Route, classify, question_type
 from .server import Emit
 
 log = logging.getLogger("mirador.orchestrator")
+
+ACTOR_RETRY_PAUSE_S = 0.25  # between calls to a stage actor that Ray is restarting
+
+
+class StageUnavailable(Exception):
+    """A stage's actor did not take the request within ``actor_wait_s``; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -308,6 +314,51 @@ class Orchestrator:
             await asyncio.gather(*tasks, return_exceptions=True)
         return {name: fut.result() for name, fut in finished.items() if fut.done() and not fut.result().stats.get("skipped")}
 
+    def _placement(self, step: Step) -> Placement:
+        stage = self.config.stages.get(step.actor_key)
+        return stage.placement if stage else Placement()  # chain-only models run on the daemon's node
+
+    @staticmethod
+    def _generate(actor: Any, args: tuple[Any, ...]) -> Any:
+        return actor.generate.options(num_returns="streaming").remote(*args)
+
+    async def _open(self, actor: Any, args: tuple[Any, ...], step: Step, stream: Any) -> Any:
+        """Wait until the stage's actor has taken the generation ``stream`` (its ``accepted`` item).
+
+        An actor that is down (crashed, or its node gone) refuses calls with a RayActorError while
+        Ray restarts it: such a call never started, so it is sent again. An actor that no node can
+        hold never answers at all. Either way the stage is given up after ``actor_wait_s``. A
+        call that failed after ``accepted`` is not sent again: it may have produced tokens, and
+        it may be what crashed the actor.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.actor_wait_s
+        last: Exception | None = None
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(deadline):
+                        await (await anext(stream))
+                    return stream
+                except TimeoutError:
+                    break
+                except ray.exceptions.RayActorError as exc:
+                    last = exc
+                    if loop.time() + ACTOR_RETRY_PAUSE_S >= deadline:
+                        break
+                    log.warning("stage %s: actor unavailable (%s); trying again", step.name, type(exc).__name__)
+                    await asyncio.sleep(ACTOR_RETRY_PAUSE_S)
+                    stream = self._generate(actor, args)
+        except BaseException:
+            ray.cancel(stream)  # the question stopped meanwhile; the call must not run later
+            raise
+        ray.cancel(stream)  # may still be queued for an actor that a node could hold later
+        why = f"; last error: {type(last).__name__}" if last else ""
+        raise StageUnavailable(
+            f"the {step.name} stage's actor is not running ({self._placement(step).why_not_running()}); "
+            f"skipped after {self.config.actor_wait_s:g} s{why}"
+        )
+
     async def _run_step(self, step: Step, ask: Ask, emit: Emit, previous: dict[str, str],
                         on_first_token: Callable[[], None] | None = None) -> StepResult:
         actor = self.actors[step.actor_key]
@@ -320,16 +371,16 @@ class Orchestrator:
         pieces: list[str] = []
         end: dict[str, Any] | None = None
         ask.running[step.name] = actor
-        # The actor starts on the prompt first; the stage_start frame goes out while it works.
         remembered = step.memory and ask.use_memory
-        stream = actor.generate.options(num_returns="streaming").remote(
-            ask.query_id, build_messages(step.system_prompt, ask.text, previous, ask.history if remembered else ()),
-            step.max_tokens, step.temperature, list(step.models),
-            ask.memories if remembered else None, self.config.memory.context_tokens,
-        )
+        args = (ask.query_id, build_messages(step.system_prompt, ask.text, previous, ask.history if remembered else ()),
+                step.max_tokens, step.temperature, list(step.models),
+                ask.memories if remembered else None, self.config.memory.context_tokens)
+        # The actor starts on the prompt first; the stage_start frame goes out while it works.
+        stream = self._generate(actor, args)
         try:
             await emit("stage_start", stage=step.name, model=model)
             async with asyncio.timeout(step.timeout_s):
+                stream = await self._open(actor, args, step, stream)
                 async for ref in stream:
                     item = await ref
                     if "text" in item:
@@ -347,15 +398,21 @@ class Orchestrator:
                         await error(item["error"], item["message"], item["model"])
                     else:  # {"model", "cold"}: this model answers now
                         model = item["model"]
+        except StageUnavailable as exc:
+            log.error("%s", exc)
+            await error("stage_unavailable", str(exc), model)
         except TimeoutError:
             await error("timeout", f"the {step.name} stage took longer than {step.timeout_s:g} s and was stopped", model)
-        except ray.exceptions.RayError as exc:
+        except ray.exceptions.RayError as exc:  # after ``accepted``: the actor died while it answered
             log.error("stage %s actor failed: %s", step.name, exc)
-            await error("stage_unavailable", f"the {step.name} stage's actor is not available: {type(exc).__name__}", model)
+            await error("stage_unavailable", f"the {step.name} stage's actor stopped while answering (its process or its "
+                        f"node went away: {type(exc).__name__}); Ray restarts it for the next question", model)
         finally:
             ask.running.pop(step.name, None)
-            if end is None:  # timed out, the client went away, or we failed: stop the model
-                actor.cancel.remote(ask.query_id)
+            if end is None:  # timed out, the client went away, or we failed: stop the model.
+                # ray.cancel interrupts the actor's coroutine wherever it waits, so a backend that
+                # hangs (a stalled server) cannot keep the model's turn from the next question.
+                ray.cancel(stream)
         stats = {k: v for k, v in (end or {"tokens": len(pieces)}).items() if k not in ("end", "model")}
         stats.setdefault("cancelled", ask.cancelled)
         await emit("stage_end", stage=step.name, model=model, **stats)
