@@ -7,7 +7,8 @@ model of its own):
   cold       coder unloaded; the question is asked: its load is part of the first token
   predicted  coder unloaded; the start of the question goes out as a `hint` (what `mirador chat`
              sends while the user types), the rest is "typed" for --typing seconds, then asked
-  warm       coder loaded (the floor)
+  warm       coder loaded; the same pause before the question is asked (the user types it too)
+  warm, no pause   coder loaded, asked right after the previous answer (for reference)
 Each question starts with a word of its own, so every case finds only the system prompt in
 llama.cpp's prompt cache.
 Also reports load and unload times per model (`mirador models load|unload`).
@@ -61,7 +62,7 @@ def main() -> None:
     (home / "config").mkdir()
     (home / "config" / "models.toml").write_text(MODELS)
     (home / "config" / "mirador.toml").write_text(CONFIG)
-    samples: dict[str, list[float]] = {"cold": [], "predicted": [], "warm": []}
+    samples: dict[str, list[float]] = {"cold": [], "predicted": [], "warm": [], "warm, no pause": []}
     loads: dict[str, list[float]] = {"smollm2-135m": [], "coder": []}
     unloads: dict[str, list[float]] = {"smollm2-135m": [], "coder": []}
     with private_daemon(home=home) as (_, paths), Client(paths.endpoint) as client:
@@ -79,9 +80,11 @@ def main() -> None:
             time.sleep(args.typing)
             predicted = ask_first_token(client, question(7))
 
+            time.sleep(args.typing)  # the user types this question too
             warm = ask_first_token(client, question(13))
+            back_to_back = ask_first_token(client, question(3))
             if i:
-                for name, value in (("cold", cold), ("predicted", predicted), ("warm", warm)):
+                for name, value in (("cold", cold), ("predicted", predicted), ("warm", warm), ("warm, no pause", back_to_back)):
                     samples[name].append(value * 1000)
             for model in loads:  # load and unload times, in the quick actor (and deep/synthesis for smollm2)
                 started = time.perf_counter()
@@ -101,7 +104,7 @@ def main() -> None:
     print(f"first token of a question whose model was not loaded ({args.runs} rounds, hint {args.typing:g} s before Enter):")
     for name in samples:
         r = result[name]
-        print(f"  {name:<10} p50 {r['p50']:7.1f} ms   p95 {r['p95']:7.1f} ms")
+        print(f"  {name:<14} p50 {r['p50']:7.1f} ms   p95 {r['p95']:7.1f} ms")
     print(f"  predicted/warm {result['ratios_p50']['predicted/warm']:.3f}   cold/warm {result['ratios_p50']['cold/warm']:.3f}  (p50)")
     print("load (in the actor, system prompt warmed) and unload (as `mirador models unload` sees it):")
     for model, actors in (("smollm2-135m", "quick, deep and synthesis at once"), ("coder", "quick")):
