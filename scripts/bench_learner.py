@@ -15,11 +15,12 @@ and seeds)? prints the regret curve
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import tempfile
 from pathlib import Path
+
+from benchlib import save
 
 PLANS = ["quick", "quick+synthesis", "quick+deep+synthesis", "chain:draft-critique-revise"]
 
@@ -70,11 +71,8 @@ def main() -> None:
         if i in (1, 2, 3, 5) or i % 5 == 0:
             print(f"{i:5}  {value:5.2f}  {'#' * round(value * 20)}")
     print(f"\nbest plan picked after {args.rounds} ratings per type: {best:.1%} (target >= 90 %)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"types": args.types, "rounds": args.rounds, "seeds": args.seeds,
-                               "regret_curve": curve, "best_pick_share": best}, indent=2))
-    print(f"wrote {out}")
+    save({"types": args.types, "rounds": args.rounds, "seeds": args.seeds, "regret_curve": curve,
+          "best_pick_share": best}, args.out)
 
 
 if __name__ == "__main__":

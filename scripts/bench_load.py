@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import time
-from pathlib import Path
 
-from benchlib import pct, private_daemon
+from benchlib import pct, private_daemon, save
 
 TOPICS = ["rain", "snow", "wind", "fog", "hail", "thunder", "rainbows", "tides", "comets", "volcanoes",
           "glaciers", "deserts", "coral reefs", "moss", "owls", "bees", "clouds", "rivers", "caves", "eclipses",
@@ -148,10 +146,7 @@ def main() -> None:
     for row in result["by_rank"]:
         print(f"  k={row['rank']:>2}  {row['first_token_s']:6.2f} s   model {row['model_first_token_s']:6.2f} s"
               f"   (waited for the model {row['queued_s']:.2f} s)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save(result, args.out)
 
 
 if __name__ == "__main__":

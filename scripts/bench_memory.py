@@ -14,12 +14,10 @@ what recall adds to the first token through the daemon.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
-from pathlib import Path
 
-from benchlib import new_home, private_daemon, summary
+from benchlib import new_home, private_daemon, save, summary
 
 TOPICS = ["my garden", "the car", "our holiday", "work", "the kids' school", "my health", "the budget",
           "a recipe", "the neighbours", "a book I read", "the dog", "my bike", "the house", "a concert"]
@@ -104,10 +102,7 @@ def main() -> None:
                  (f"{label} question: first token, --no-memory", f"{label}_first_token_ms_no_memory")]
     for label, key in rows:
         print(f"{label:<64} p50 {result[key]['p50']:7.1f} ms   p95 {result[key]['p95']:7.1f} ms")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save(result, args.out)
 
 
 def recall_times(store, queries: list[str]) -> list[float]:

@@ -20,11 +20,9 @@ Target (issue 5): predicted first token <= 1.1 x warm.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
-from benchlib import new_home, private_daemon, summary
+from benchlib import new_home, private_daemon, save, summary
 
 MODELS = """
 [models.coder]
@@ -111,10 +109,7 @@ def main() -> None:
         if model in result["load_ms"]:
             print(f"  {model:<14} load p50 {result['load_ms'][model]['p50']:6.1f} ms   "
                   f"unload p50 {result['unload_ms'].get(model, {'p50': float('nan')})['p50']:6.1f} ms   ({actors})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"written to {out}")
+    save(result, args.out)
 
 
 if __name__ == "__main__":

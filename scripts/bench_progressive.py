@@ -16,10 +16,8 @@ Reports the first token (quick's) and the total time, p50/p95, and their ratios.
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from benchlib import private_daemon, summary
+from benchlib import private_daemon, save, summary
 
 QUESTION = ("Compare PostgreSQL and MongoDB for a distributed architecture: what are the trade-offs "
             "in latency and scalability, and which should a small team pick?")
@@ -86,10 +84,7 @@ def main() -> None:
     print()
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": args.runs, "tokens": args.tokens, "results": result, "ratios": ratios}, indent=2))
-    print(f"wrote {out}")
+    save({"runs": args.runs, "tokens": args.tokens, "results": result, "ratios": ratios}, args.out)
 
 
 if __name__ == "__main__":

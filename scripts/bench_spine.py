@@ -16,13 +16,11 @@ Prints a table and writes JSON (default bench-results/spine.json).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import time
-from pathlib import Path
 
-from benchlib import BIN, private_daemon, summary
+from benchlib import BIN, private_daemon, save, summary
 
 QUESTION = "Explain in a few sentences why the sky is blue."
 
@@ -138,10 +136,7 @@ def main() -> None:
     for label, key, unit in rows:
         print(f"| {label:<46} | {result[key]['p50']:8.1f} | {result[key]['p95']:8.1f} | {unit:<5} |")
     print(f"\nstreamed / raw decode tokens/s (p50): {result['tokens_per_s_ratio']:.3f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    save(result, args.out)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import statistics
@@ -22,6 +23,14 @@ def pct(values: list[float], q: float) -> float:
 
 def summary(values: list[float]) -> dict[str, float]:
     return {"p50": statistics.median(values), "p95": pct(values, 0.95), "mean": statistics.fmean(values)}
+
+
+def save(result: dict, path: str) -> None:
+    """Write a benchmark's numbers as JSON (bench-results/ is git-ignored)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
 
 
 def new_home() -> Path:
