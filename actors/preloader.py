@@ -71,6 +71,7 @@ class Preloader:
         self.load_s: dict[str, float] = {}  # model -> its last load time
         self.history = {route: (n, Counter(used)) for route, (n, used) in route_history(Path(metrics_db), list(config.stages)).items()}
         self._room = asyncio.Lock()
+        self._background: set[asyncio.Task[Any]] = set()  # loads started ahead (held: the loop keeps only weak references)
 
     # -- accounting ----------------------------------------------------------------------
     def _size(self, model: str) -> float:
@@ -82,9 +83,9 @@ class Preloader:
     def _pinned(self) -> set[Pair]:
         return set().union(*self.pins.values()) if self.pins else set()
 
-    async def _make_room(self, size: float, keep: Pair | None = None) -> list[Pair]:
+    def _make_room(self, size: float, keep: Pair | None = None) -> list[Pair]:
         """Drop least recently used, unpinned pairs from the books until ``size`` more fits;
-        returns them. Called under ``_room``; the caller unloads them (outside the lock)."""
+        returns them. Called under ``_room``; the caller unloads them (after the lock)."""
         evicted = []
         pinned = self._pinned()
         for pair in sorted(self.loaded, key=self.loaded.get):
@@ -119,7 +120,7 @@ class Preloader:
                 if not evict and self.used_mb() + self._size(model) > self.budget_mb:
                     result["error"] = f"not loaded: {self._size(model):.0f} MB would exceed the {self.budget_mb:.0f} MB budget"
                     return result
-                evicted = await self._make_room(self._size(model), keep=pair)
+                evicted = self._make_room(self._size(model), keep=pair)
                 self.loaded[pair] = time.monotonic()  # counted from now, so concurrent loads see it
             unloading = asyncio.ensure_future(self._unload(evicted))
             try:
@@ -174,7 +175,9 @@ class Preloader:
             self.pins[request_id] = set(likely)
         for key, model in likely:
             if (key, model) not in self.loaded:
-                asyncio.ensure_future(self.ensure(key, model))
+                task = asyncio.ensure_future(self.ensure(key, model))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
         return predictions
 
     async def need(self, request_id: str, pairs: list[Pair]) -> None:
@@ -193,7 +196,7 @@ class Preloader:
             counts.update({tuple(p) for p in used})
             self.history[route] = (asked + 1, counts)
         async with self._room:  # a generation's own load may have gone over budget
-            evicted = await self._make_room(0)
+            evicted = self._make_room(0)
         await self._unload(evicted)
 
     # -- what `mirador models` asks ------------------------------------------------------
