@@ -59,7 +59,32 @@ class Loaded:
     sources: dict[str, str]  # dotted key -> DEFAULT, a user file's path, or an environment variable's name
 
     def source_of(self, key: str) -> str:
-        return self.sources.get(key, DEFAULT)
+        """The source of ``key``'s value (or of the table or list it is part of)."""
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0] if "." in key else ""
+        return DEFAULT
+
+    def effective(self) -> dict[str, Any]:
+        """The configuration in use, as nested tables (stages with their ``order``; unset backend options left out)."""
+        tables = self.config.model_dump(mode="json", exclude_none=True)
+        tables["stages"] = {"order": list(self.config.stages), **tables["stages"]}
+        return tables
+
+    def entries(self) -> list[tuple[str, Any, str]]:
+        """Every key in use: (dotted key, value, source), in file order."""
+        out: list[tuple[str, Any, str]] = []
+
+        def walk(value: Any, key: str) -> None:
+            if isinstance(value, dict) and value:
+                for name, item in value.items():
+                    walk(item, f"{key}.{name}" if key else name)
+            else:
+                out.append((key, value, self.source_of(key)))
+
+        walk(self.effective(), "")
+        return out
 
 
 def dotted(path: Path_) -> str:
@@ -224,7 +249,7 @@ def _check_references(config: Config) -> None:
 # --- wording pydantic's errors -------------------------------------------------------------------
 
 _TYPE_WORDS = {
-    "string_type": "must be text (a quoted string)",
+    "string_type": "must be a string (text in quotes)",
     "int_type": "must be a whole number", "int_parsing": "must be a whole number",
     "int_from_float": "must be a whole number",
     "float_type": "must be a number", "float_parsing": "must be a number",
