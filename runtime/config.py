@@ -338,8 +338,13 @@ def _locate(loc: tuple[Any, ...]) -> tuple[Path_, Any]:
 def _describe(exc: ValidationError, sources: dict[Path_, str]) -> list[str]:
     """One line per wrong key: ``stages.quick.max_token: unknown key; did you mean max_tokens? (in FILE)``."""
     found: dict[Path_, tuple[list[str], str]] = {}  # path -> (what is wrong, the value given)
-    for error in exc.errors():
-        path, parent = _locate(error["loc"])
+    located = [(error, *_locate(error["loc"])) for error in exc.errors()]
+    # A misspelt required key is also reported missing; "did you mean" already says it.
+    meant = {(*path[:-1], m) for error, path, parent in located if error["type"] == "extra_forbidden"
+             for m in difflib.get_close_matches(str(path[-1]), _keys(parent), n=1)}
+    for error, path, parent in located:
+        if error["type"] == "missing" and path in meant:
+            continue
         kind, given, ctx = error["type"], error.get("input"), error.get("ctx", {})
         shown = repr(given) if len(repr(given)) <= 60 else repr(given)[:57] + "..."
         if kind == "extra_forbidden":
