@@ -169,11 +169,6 @@ def merge(layers: list[Layer]) -> tuple[dict[str, Any], dict[Path_, str]]:
     return merged, sources
 
 
-def load_raw(paths: Paths, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Merge the shipped defaults, the user's files and the environment into one dict (unchecked)."""
-    return merge(read_layers(paths, env))[0]
-
-
 # --- checking -----------------------------------------------------------------------------------
 
 def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
@@ -195,9 +190,10 @@ def _validate(raw: dict[str, Any], sources: dict[Path_, str]) -> Config:
     if isinstance(raw.get("stages"), dict):
         tables = dict(raw["stages"])
         order = tables.pop("order", None)
-        for key, value in tables.items():  # a stage is a table; anything else is a misspelt `order`
+        for key, value in tables.items():  # a stage is a table; anything else is a misspelt `order` or a mistake
             if not isinstance(value, dict):
-                raise ConfigError(f"stages.{key}: unknown key{_suggest(key, ['order'])}{_where(('stages', key), sources)}")
+                what = "unknown key; did you mean order?" if _close(key, ["order"]) else f"a stage must be a table, [stages.{key}]"
+                raise ConfigError(f"stages.{key}: {what}{_where(('stages', key), sources)}")
         data["stages"] = tables
     try:
         config = Config.model_validate(data)
@@ -205,7 +201,7 @@ def _validate(raw: dict[str, Any], sources: dict[Path_, str]) -> Config:
         raise ConfigError("\n".join(_describe(exc, sources))) from None
     if order is not None:
         if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
-            raise ConfigError(f"stages.order must be a list of stage names, not {order!r}{_where(('stages', 'order'), sources)}")
+            raise ConfigError(f"stages.order: must be a list of stage names, not {order!r}{_where(('stages', 'order'), sources)}")
         for name in order:
             if name not in config.stages:
                 raise ConfigError(f"stages.order names {name!r} but there is no [stages.{name}] table"
