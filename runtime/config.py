@@ -28,10 +28,14 @@ from pydantic import BaseModel, ValidationError
 
 from mirador.client.paths import Paths
 
-from .config_schema import (  # noqa: F401  (re-exported: the rest of the code imports them from here)
+from .config_schema import (
     BACKENDS, ChainConfig, ChainStep, Config, EnergyConfig, MemoryConfig, ModelSpec, Placement, PowerLimits,
     PreloadConfig, StageConfig,
 )
+
+# The rest of the code imports the config's classes from here.
+__all__ = ["ChainConfig", "ChainStep", "Config", "ConfigError", "EnergyConfig", "Loaded", "MemoryConfig", "ModelSpec",
+           "Placement", "PowerLimits", "PreloadConfig", "StageConfig", "load", "load_config"]
 
 ENV_PREFIX = "MIRADOR_"
 DEFAULT = "default"  # the source of a value from Mirador's shipped files or the schema's defaults

@@ -127,7 +127,7 @@ class DaemonSection(Table):
     @classmethod
     def _endpoint(cls, value: str) -> str:
         if value and not is_tcp_endpoint(value):
-            raise ValueError(f"must be tcp://HOST:PORT with PORT in 1..65535 (e.g. tcp://0.0.0.0:7755), or empty")
+            raise ValueError("must be tcp://HOST:PORT with PORT in 1..65535 (e.g. tcp://0.0.0.0:7755), or empty")
         return value
 
 
