@@ -286,11 +286,18 @@ class PowerLimits(Table):
 
 
 class EnergyConfig(Table):
-    sensor: str = Field("psutil", min_length=1)  # or "module:function"
+    sensor: str = "psutil"  # or "module:function" returning psutil.sensors_battery()'s shape
     low_battery_percent: Float = Field(20.0, ge=0, le=100)
     poll_s: Seconds = 30.0
     balanced: PowerLimits = PowerLimits()
     minimal: PowerLimits = PowerLimits()
+
+    @field_validator("sensor")
+    @classmethod
+    def _sensor(cls, value: str) -> str:
+        if value != "psutil" and not re.fullmatch(r"[\w.]+:\w+", value):
+            raise ValueError(f"must be \"psutil\" or \"module:function\", not {value!r}")
+        return value
 
     @property
     def limits(self) -> dict[str, PowerLimits]:

@@ -85,6 +85,7 @@ def test_every_wrong_key_is_reported_at_once(paths):
     ("[memory]\nmin_similarity = -1", "memory.min_similarity: must be greater than or equal to 0, not -1"),
     ("[memory]\nplacement = \"gpu\"", "memory.placement: must be a table, not 'gpu'"),
     ("[energy]\nlow_battery_percent = 120", "energy.low_battery_percent: must be less than or equal to 100, not 120"),
+    ("[energy]\nsensor = \"upower\"", "energy.sensor: must be \"psutil\" or \"module:function\", not 'upower'"),
     ("[ray]\nactor_wait_s = 0", "ray.actor_wait_s: must be greater than 0, not 0"),
     ("[ray]\nnum_cpus = -2", "ray.num_cpus: must be greater than or equal to 0, not -2"),
     ("[daemon]\nlog_level = \"verbose\"", "daemon.log_level: must be one of debug, info, warning, error, critical, not 'verbose'"),
