@@ -224,7 +224,7 @@ def _check_references(config: Config) -> None:
         missing = [m for m in stage.models if m not in models]
         if missing:
             raise ConfigError(f"stages.{name}.models {missing!r}: not models in models.toml ({', '.join(models)})"
-                              f"{_suggest(missing[0], list(models))}")
+                              f"{_close(missing[0], list(models))}")
     for stage in stages.values():
         for other in (*stage.needs, *filter(None, [stage.after_first_token_of])):
             if other not in stages or list(stages).index(other) >= list(stages).index(stage.name):
@@ -240,7 +240,7 @@ def _check_references(config: Config) -> None:
         for i, step in enumerate(chain.steps):
             if step.model not in models:
                 raise ConfigError(f"chains.{name}.steps[{i}].model: {step.model!r} (step {step.name!r}) is not in "
-                                  f"models.toml{_suggest(step.model, list(models))}")
+                                  f"models.toml{_close(step.model, list(models))}")
     for profile, limits in config.energy.limits.items():
         if limits.stages is not None and [s for s in limits.stages if s not in stages]:
             raise ConfigError(f"energy.{profile}.stages names unknown stages {list(limits.stages)}; configured: {list(stages)}")
