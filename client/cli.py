@@ -525,6 +525,30 @@ def models_pull(name: str) -> None:
 
 
 @main.group()
+def config() -> None:
+    """The configuration: Mirador's defaults, your files in the config dir, MIRADOR_* variables."""
+
+
+@config.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Print {config, sources} as JSON.")
+def config_show(as_json: bool) -> None:
+    """Print the configuration in effect and where each value came from: default, your file, or
+    the environment variable. Reads the files itself: no daemon needed. A wrong key exits 2."""
+    from mirador.runtime.config import ConfigError, load  # lazily: pydantic, only for this command
+
+    try:
+        loaded = load(Paths.from_env())
+    except ConfigError as exc:
+        _fail(str(exc), 2)
+    entries = loaded.entries()
+    if as_json:
+        click.echo(json.dumps({"config": loaded.effective(), "sources": {key: source for key, _, source in entries}}, indent=2))
+        return
+    for key, value, source in entries:
+        click.echo(f"{key} = {json.dumps(value, ensure_ascii=False)}  # {source}")
+
+
+@main.group()
 def daemon() -> None:
     """Start or stop the background daemon (on this machine)."""
     endpoint = _remote()

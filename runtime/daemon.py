@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import fcntl
 import logging
 import os
@@ -288,7 +287,7 @@ class Daemon:
                              forced_profile())
         try:
             def manifest(models: tuple[str, ...]) -> list[dict[str, Any]]:
-                return [dataclasses.asdict(self.config.models[m]) for m in models]
+                return [self.config.models[m].manifest_entry() for m in models]
 
             for name, stage in self.config.stages.items():
                 self.runs[name] = self.config.actor_models(name)
@@ -390,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"miradord: {exc}", file=sys.stderr)
         return 2
     if args.ray_address:
-        config = dataclasses.replace(config, ray_address=args.ray_address)
+        config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": args.ray_address})})
     setup_logging(paths, args.log_level or config.log_level)
 
     lock = acquire_pid_lock(paths)

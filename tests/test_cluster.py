@@ -368,15 +368,15 @@ def test_placement_is_checked():
             shutil.rmtree(home.root, ignore_errors=True)
 
     deep = config('[stages.deep]\nplacement = {resources = {gpu_box = 0.001}, labels = {zone = "!cold"}}\n').stages["deep"]
-    assert deep.placement == Placement({"gpu_box": 0.001}, {"zone": "!cold"})
+    assert deep.placement == Placement(resources={"gpu_box": 0.001}, labels={"zone": "!cold"})
     assert config("").stages["quick"].placement.local
     for bad, says in [
-        ('[stages.deep]\nplacement = {node = "x"}', "unknown key 'node'"),
+        ('[stages.deep]\nplacement = {node = "x"}', r"stages\.deep\.placement\.node: unknown key"),
         ('[stages.deep]\nplacement = {resources = {gpu_box = 0}}', "gpu_box must be a number > 0"),
         ('[stages.deep]\nplacement = {resources = {gpu_box = 1.5}}', "whole number"),
         ('[stages.deep]\nplacement = {resources = {CPU = 1}}', "one of Ray's own resources"),
         ('[stages.deep]\nplacement = {labels = {zone = 3}}', "must be a string"),
-        ('[memory]\nplacement = "gpu"', "memory.placement must be a table"),
+        ('[memory]\nplacement = "gpu"', "memory.placement: must be a table"),
         ('[ray]\nactor_wait_s = 0', "ray.actor_wait_s"),
     ]:
         with pytest.raises(ConfigError, match=says):
