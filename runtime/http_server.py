@@ -136,7 +136,9 @@ class HttpApi:
     async def start(self) -> None:
         # handler_cancellation: a client that disconnects cancels its handler at once, which is
         # how a vanished client stops its generations even between two tokens.
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        # shutdown_timeout: at daemon shutdown an answer still streaming is cut after 1 s (its
+        # handler is cancelled, which cancels the ask), not waited for a minute.
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
         try:

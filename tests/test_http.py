@@ -9,6 +9,7 @@ network address does.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -195,6 +196,34 @@ def test_incognito_by_header_and_option_stores_nothing(api):
     assert reply.done
     time.sleep(1.0)  # an exchange that were stored would be on disk ~0.3 s after done
     assert len(json.loads(raw(api, "GET", "/mirador/memories?limit=0")[2])["memories"]) == count
+
+
+def test_many_http_clients_at_once_are_all_served_in_full(api):
+    async def one(client, i):
+        body = {"model": "mirador:quick", "messages": [{"role": "user", "content": f"Say a word about number {i}."}],
+                "options": {"num_predict": 8, "incognito": True}}
+        async with client.stream("POST", f"{api['url']}/api/chat", json=body) as response:
+            return [json.loads(line) async for line in response.aiter_lines() if line]
+
+    async def everyone():
+        async with httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=8)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    answers = asyncio.run(everyone())
+    assert len({chunks[-1]["query_id"] for chunks in answers}) == 8
+    waits = []
+    for chunks in answers:
+        assert chunks[-1]["done"] and not [c for c in chunks if c["mirador"]["event"] == "error"]
+        (end,) = [c["mirador"] for c in chunks if c["mirador"]["event"] == "stage_end"]
+        tokens = [c for c in chunks if c["mirador"]["event"] == "token"]
+        assert len(tokens) == end["tokens"] == chunks[-1]["eval_count"] > 0  # nothing lost
+        waits.append(end["queued_s"])
+    assert max(waits) > min(waits)  # they took turns on the one quick actor, first come first served
+
+
+def test_pull_reports_progress_like_the_cli(api):
+    steps = list(ollama.Client(host=api["url"]).pull("smollm2-135m", stream=True))
+    assert steps[0].status.startswith("already installed") and steps[-1].status == "success"
 
 
 # -- the openai client -------------------------------------------------------------------------
