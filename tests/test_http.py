@@ -26,6 +26,8 @@ import openai
 import pytest
 
 from mirador.client import api_keys
+from mirador.runtime.http_ask import Answer, conversation
+from mirador.runtime.http_server import ApiError
 
 from .conftest import BIN, make_home, start_daemon, stop_daemon
 
@@ -186,16 +188,21 @@ def test_ollama_unknown_model_raises_404(api):
 
 
 def test_incognito_by_header_and_option_stores_nothing(api):
-    before = raw(api, "GET", "/mirador/memories?limit=0")
-    count = len(json.loads(before[2])["memories"])
     events = [c["mirador"]["event"] for c in ndjson(api, "/api/chat", headers={"X-Mirador-Incognito": "1"}, body={
         "model": "mirador:quick", "messages": [{"role": "user", "content": "A secret: 42"}], "options": {"num_predict": 4}})]
-    assert "memory" not in events and events[-1] == "done"
+    assert "memory" not in events and events[-1] == "done"  # nothing recalled
     reply = ollama.Client(host=api["url"]).chat("mirador:quick", messages=[{"role": "user", "content": "Another secret"}],
                                                  options={"num_predict": 4, "incognito": True})
     assert reply.done
-    time.sleep(1.0)  # an exchange that were stored would be on disk ~0.3 s after done
-    assert len(json.loads(raw(api, "GET", "/mirador/memories?limit=0")[2])["memories"]) == count
+    shown = ndjson(api, "/api/chat", {"model": "mirador:quick", "options": {"num_predict": 4},
+                                      "messages": [{"role": "user", "content": "Not a secret"}]})
+    stored = []
+    deadline = time.monotonic() + 10
+    while not any(m["question"] == "Not a secret" for m in stored) and time.monotonic() < deadline:
+        time.sleep(0.1)  # stored ~0.3 s after its done; the incognito ones came before it
+        stored = json.loads(raw(api, "GET", "/mirador/memories?limit=0")[2])["memories"]
+    assert shown[-1]["done"] and any(m["question"] == "Not a secret" for m in stored)
+    assert not [m for m in stored if "secret" in m["question"] and m["question"] != "Not a secret"], stored
 
 
 def test_many_http_clients_at_once_are_all_served_in_full(api):
@@ -362,3 +369,58 @@ def test_mirador_endpoints_rate_memories_status_and_the_web_view(api):
     assert status == 404
     shown = api["home"].mirador("status")
     assert f":{api['port']}" in shown.stdout and "http:" in shown.stdout
+
+
+# -- pure parts: how messages become an ask, how events become one assistant message ----------
+def test_messages_before_the_last_user_message_are_history():
+    question, turns, system = conversation([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"}, {"role": "user", "content": "I am Ada"},
+        {"role": "assistant", "content": "Hello Ada"},
+        {"role": "user", "content": [{"type": "text", "text": "Who am I?"}]}])
+    assert question == "Who am I?" and system == "Be brief."
+    assert turns == [{"question": "Hi\n\nI am Ada", "answer": "Hello Ada"}]
+    assert conversation([]) == ("", [], "")
+    with pytest.raises(ApiError, match="user message"):
+        conversation([{"role": "assistant", "content": "hello"}])
+
+
+def feed(answer: Answer, events: list[tuple[str, dict]]) -> tuple[str, str]:
+    thinking = content = ""
+    for name, fields in events:
+        _, t, c = answer.event(name, fields)
+        thinking, content = thinking + t, content + c
+    return thinking, content
+
+
+def test_overlapping_stages_think_one_after_another_and_the_last_answers():
+    tok = lambda stage, text: ("token", {"stage": stage, "text": text})  # noqa: E731
+    end = lambda stage: ("stage_end", {"stage": stage, "tokens": 2})  # noqa: E731
+    answer = Answer()
+    thinking, content = feed(answer, [
+        ("start", {"stages": ["quick", "deep", "synthesis"], "query_id": "q1"}),
+        tok("quick", "A"), tok("deep", "x"), tok("quick", "B"), tok("deep", "y"), end("quick"), tok("deep", "z"),
+        end("deep"), tok("synthesis", "Final"), end("synthesis"), ("done", {"query_id": "q1", "cancelled": False})])
+    assert thinking == "[quick]\nAB\n\n[deep]\nxyz" == answer.thinking()
+    assert content == "Final" == answer.content()
+
+
+def test_when_the_last_stage_says_nothing_the_answer_is_the_latest_earlier_one():
+    answer = Answer()
+    thinking, content = feed(answer, [
+        ("start", {"stages": ["quick", "deep", "synthesis"], "query_id": "q2"}),
+        ("token", {"stage": "quick", "text": "Quick answer"}), ("stage_end", {"stage": "quick"}),
+        ("token", {"stage": "deep", "text": "Deep answer"}), ("stage_end", {"stage": "deep"}),
+        ("error", {"stage": "synthesis", "code": "timeout", "message": "too slow"}), ("stage_end", {"stage": "synthesis"}),
+        ("done", {"query_id": "q2", "cancelled": False})])
+    assert content == "Deep answer" == answer.content()
+    assert thinking == "[quick]\nQuick answer\n\n[deep]\nDeep answer"
+
+
+def test_the_full_pipeline_is_exactly_mirador_ask(api):
+    chunks = ndjson(api, "/api/chat", {"model": "mirador", "options": {"num_predict": 4},
+                                       "messages": [{"role": "user", "content": "What is hail?"}]})
+    start = chunks[0]["mirador"]
+    assert start["event"] == "start" and start["route"] == "simple" and start["stages"] == ["quick"]  # the router chose
+    assert chunks[1]["mirador"]["event"] == "memory"  # recall ran, as for `mirador ask`
+    assert chunks[-1]["done"] and chunks[-1]["mirador"]["event"] == "done"  # the stream ends at done
