@@ -307,13 +307,18 @@ def test_a_client_from_the_network_needs_the_key(api):
     assert stat.S_IMODE(os.stat(keyfile).st_mode) == 0o600
 
 
-def test_listening_beyond_loopback_without_a_key_refuses_to_start():
+def test_no_key_beyond_loopback_or_a_taken_port_refuses_to_start_at_once():
     home = make_home()
     try:
         env = {**home.env, "MIRADOR_HTTP__LISTEN": "0.0.0.0:0"}
         home.paths.ensure()
         done = subprocess.run([str(BIN / "miradord")], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "mirador keys api-key" in done.stderr
+        with socket.create_server(("127.0.0.1", 0)) as taken:  # another daemon's port, say
+            busy = f"127.0.0.1:{taken.getsockname()[1]}"
+            done = subprocess.run([str(BIN / "miradord"), "--http", busy], env=home.env, capture_output=True, text=True,
+                                  timeout=60)
+        assert done.returncode == 2 and f"cannot listen on {busy}" in done.stderr and "--http off" in done.stderr
     finally:
         shutil.rmtree(home.root, ignore_errors=True)
 
