@@ -29,12 +29,12 @@ from pydantic import BaseModel, ValidationError
 from mirador.client.paths import Paths
 
 from .config_schema import (
-    BACKENDS, ChainConfig, ChainStep, Config, EnergyConfig, MemoryConfig, ModelSpec, Placement, PowerLimits,
+    BACKENDS, ChainConfig, ChainStep, Config, EnergyConfig, HttpConfig, MemoryConfig, ModelSpec, Placement, PowerLimits,
     PreloadConfig, StageConfig,
 )
 
 # The rest of the code imports the config's classes from here.
-__all__ = ["ChainConfig", "ChainStep", "Config", "ConfigError", "EnergyConfig", "Loaded", "MemoryConfig", "ModelSpec",
+__all__ = ["http_override", "ChainConfig", "ChainStep", "Config", "ConfigError", "EnergyConfig", "HttpConfig", "Loaded", "MemoryConfig", "ModelSpec",
            "Placement", "PowerLimits", "PreloadConfig", "StageConfig", "load", "load_config"]
 
 ENV_PREFIX = "MIRADOR_"
@@ -380,3 +380,11 @@ def _either(whats: list[str]) -> str:
     if len(whats) > 1 and all(w.startswith("must be ") for w in whats):
         return "must be " + " or ".join(w.removeprefix("must be ") for w in whats)
     return " or ".join(whats)
+
+
+def http_override(http: HttpConfig, listen: str) -> HttpConfig:
+    """``[http]`` with ``listen`` from ``miradord --http``, checked like the key."""
+    try:
+        return HttpConfig.model_validate({**http.model_dump(), "listen": listen})
+    except ValidationError as exc:
+        raise ConfigError(f"--http: {exc.errors()[0]['msg'].removeprefix('Value error, ')}, not {listen!r}") from None

@@ -131,6 +131,45 @@ class DaemonSection(Table):
         return value
 
 
+class HttpConfig(Table):
+    """The HTTP API (Ollama- and OpenAI-compatible, runtime/http_server.py): where it listens and whom it lets in."""
+
+    listen: str = "127.0.0.1:11435"  # HOST:PORT; "off" (or "") turns the API off
+    origins: Names = ()  # browser origins allowed besides localhost ones ("*": any); a comma-separated text too, like OLLAMA_ORIGINS
+    max_body_bytes: Int = Field(4 << 20, ge=1024)
+
+    @field_validator("listen", mode="before")
+    @classmethod
+    def _listen(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if value.lower() in ("off", "", "false", "no"):
+            return ""
+        port = value.rpartition(":")[2]
+        if not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", value) or not 0 <= int(port) < 65536:
+            raise ValueError("must be HOST:PORT (e.g. 127.0.0.1:11435) or \"off\"")
+        return value
+
+    @field_validator("origins", mode="before")
+    @classmethod
+    def _origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [o for o in value.split(",")]
+        if isinstance(value, (list, tuple)):
+            return tuple(o.strip().rstrip("/") for o in value if isinstance(o, str) and o.strip()) \
+                if all(isinstance(o, str) for o in value) else value
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
 class ClientSection(Table):
     """Read by the ``mirador`` client (client/remote.py reads it without this schema, to stay thin)."""
 
@@ -319,6 +358,7 @@ class Config(Table):
 
     daemon: DaemonSection = DaemonSection()
     client: ClientSection = ClientSection()
+    http: HttpConfig = HttpConfig()
     ray: RaySection = RaySection()
     # [stages]: `order` lists the stages in use, in display order (default: every table, in file
     # order); a table left out of it is checked but not used (that is how a default stage is dropped).
