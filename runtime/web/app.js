@@ -285,6 +285,8 @@ async function ask(question) {
     if ($("answer").dataset.state === "asking") {
       showError("the answer stream ended before it was done");
       $("answer").dataset.state = "error";
+    } else if (!$("memory-query").value) {
+      setTimeout(() => loadMemories(""), 500);  // the exchange is stored just after the answer
     }
   } catch (e) {
     if (e.name === "AbortError") {
