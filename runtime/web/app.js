@@ -107,6 +107,7 @@ function resetAnswer(question) {
   $("recalled-count").textContent = "0";
   $("recalled-list").replaceChildren();
   $("recalled").hidden = true;
+  $("recalled").open = false;
   $("stages").replaceChildren();
   $("stages").removeAttribute("data-stages");
   $("done-line").textContent = "";
@@ -156,6 +157,7 @@ function onStart(ev) {
 function onMemory(ev) {
   const recalled = ev.recalled || [];
   $("recalled").hidden = false;
+  $("recalled").open = recalled.length > 0;
   $("recalled-count").textContent = String(recalled.length);
   $("recalled-list").replaceChildren(...recalled.map((m) =>
     el("li", { "data-id": m.id }, el("span", { class: "sim", text: fmt.sim(m.similarity) }), " ", m.question || m.id)));
