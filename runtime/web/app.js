@@ -228,8 +228,8 @@ function onDone(ev, chunk) {
   if (view.queryId) $("answer").dataset.queryId = view.queryId;
   const parts = [ev.cancelled ? "cancelled" : "done"];
   const m = ev.metrics || {};
-  if (m.first_token_s != null) parts.push(`first token ${fmt.s(m.first_token_s)}`);
-  if (m.total_s != null) parts.push(`total ${fmt.s(m.total_s)}`);
+  if (m.duration_s != null) parts.push(`in ${fmt.s(m.duration_s)}`);
+  if (m.errors && m.errors.length) parts.push(`${m.errors.length} stage error(s)`);
   $("done-line").textContent = parts.join(" · ");
   $("rating").disabled = !view.queryId || ev.cancelled;
 }
