@@ -103,6 +103,10 @@ class Memories:
         records = sorted((self._record(i, m) for i, m in zip(found["ids"], found["metadatas"])), key=lambda r: r["ts"])
         return records[-n:] if n > 0 else []
 
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """The memory's embeddings of ``texts`` (unit vectors), for the HTTP API's embed endpoints."""
+        return [vector.tolist() for vector in self._embed(list(texts))]
+
     # -- the user's controls -------------------------------------------------------------
     def list(self, limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
         found = self._col.get(include=["metadatas"])

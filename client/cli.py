@@ -206,6 +206,8 @@ def _status_text(status: dict[str, Any]) -> str:
         f"ray:     {status['ray_address']} ({ray_how}), namespace {status.get('ray_namespace', '?')}",
         f"socket:  {status['socket']}",
         *([f"listen:  {status['listen']} (CurveZMQ, keys in authorized_keys only)"] if status.get("listen") else []),
+        *([f"http:    {status['http']}  (Ollama API /api, OpenAI API /v1, web view {status['http']}/ui)"]
+          if status.get("http") else []),
         f"log:     {status['log']}",
         "memory:  " + (f"{status['memory'].get('memories', '?')} memories, {status['memory'].get('bytes', 0) / 1e6:.1f} MB"
                        f" in {status['memory'].get('path')}{_node_text(status['memory'])}"

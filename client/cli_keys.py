@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from . import api_keys
 from . import keys as keyfiles
 from .errors import MiradorError
 from .paths import Paths
@@ -13,7 +14,7 @@ from .paths import Paths
 
 @click.group()
 def keys() -> None:
-    """CurveZMQ keys for remote access (`miradord --listen`, `mirador --connect`)."""
+    """Keys for remote access: CurveZMQ (`miradord --listen`, `mirador --connect`) and HTTP API keys."""
 
 
 @keys.command("init")
@@ -59,3 +60,21 @@ def keys_show() -> None:
         click.echo(f"  {key.decode()}")
     for line in bad_lines:
         click.echo(f"  ignored, not a key: {line}")
+
+
+@keys.command("api-key")
+@click.option("--note", default="", help="A note kept beside the key in the file (e.g. who uses it).")
+def keys_api_key(note: str) -> None:
+    """Create an API key for the HTTP API (needed by clients not on this machine)."""
+    paths = Paths.from_env()
+    try:
+        key = api_keys.create(paths, note)
+    except OSError as exc:
+        click.echo(f"mirador: {exc}", err=True)
+        sys.exit(1)
+    click.echo(key)
+    click.echo(f"""added to {api_keys.path(paths)} (mode 600; delete its line to revoke it). Clients send it as
+  Authorization: Bearer {key}
+e.g. OLLAMA_API_KEY=KEY for the ollama client, api_key=KEY for the openai client, or the key field
+of an Open WebUI connection. With a key, the daemon may listen beyond loopback:
+  miradord --http 0.0.0.0:11435    (or [http] listen = "0.0.0.0:11435" in mirador.toml)""", err=True)

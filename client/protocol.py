@@ -25,7 +25,14 @@ Requests (client -> daemon)
                   optional: run its steps instead of stages); ``options`` (map, optional:
                   ``max_tokens`` int 1..8192, ``temperature`` number 0..2, for every stage);
                   ``session`` (a name, optional: continue that conversation); ``memory`` (bool,
-                  optional, default true: false is incognito, nothing recalled or stored).
+                  optional, default true: false is incognito, nothing recalled or stored);
+                  ``history`` (list of {question, answer} maps, optional: earlier turns of this
+                  conversation, given by the client, e.g. an HTTP chat's messages; they go to
+                  the stages that take history, incognito or not); ``system`` (string,
+                  optional: the client's own instructions, added after each stage's system
+                  prompt); ``model`` (a manifest model's name, optional: that model answers
+                  alone, with ``system`` as its system prompt, no stages, nothing recalled or
+                  stored; it cannot be combined with ``stages``, ``chain`` or ``sequential``).
       ``cancel``  ``target``: the ``id`` of an ``ask`` sent on the same connection.
       ``status``  no fields.
       ``stats``   no fields.
@@ -178,6 +185,12 @@ def parse_request(frames: list[bytes]) -> dict[str, Any]:
         raise ProtocolError("bad_frame", f"frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise ProtocolError("bad_frame", "frame must be a msgpack map")
+    return check_request(obj)
+
+
+def check_request(obj: dict[str, Any]) -> dict[str, Any]:
+    """Validate a decoded request (daemon side; the HTTP API builds the same dicts). Raises
+    ProtocolError with what is wrong."""
     rid = obj.get("id")
     if not isinstance(rid, str) or not 0 < len(rid) <= MAX_ID_CHARS:
         raise ProtocolError("bad_request", f"'id' must be a string of 1..{MAX_ID_CHARS} characters")
@@ -231,6 +244,17 @@ def _check_ask(obj: dict[str, Any], rid: str) -> None:
         raise bad("'chain' must be a chain name")
     if chain is not None and (stages or obj.get("sequential")):
         raise bad("'chain' runs its own steps: it cannot be combined with 'stages' or 'sequential'")
+    model = obj.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise bad("'model' must be a model name")
+    if model is not None and (stages or chain or obj.get("sequential")):
+        raise bad("'model' answers alone: it cannot be combined with 'stages', 'chain' or 'sequential'")
+    history = obj.get("history")
+    if history is not None and (not isinstance(history, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("question"), str) and isinstance(t.get("answer"), str) for t in history)):
+        raise bad("'history' must be a list of maps with 'question' and 'answer' strings")
+    if obj.get("system") is not None and not isinstance(obj["system"], str):
+        raise bad("'system' must be a string")
     options = obj.get("options") or {}
     if not isinstance(options, dict):
         raise bad("'options' must be a map")

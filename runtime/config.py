@@ -157,6 +157,23 @@ class PreloadConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The HTTP API (Ollama- and OpenAI-compatible): where it listens and whom it lets in."""
+
+    listen: str = "127.0.0.1:11435"  # HOST:PORT; "" when off
+    origins: tuple[str, ...] = ()  # browser origins allowed besides localhost ones ("*": any)
+    max_body_bytes: int = 4 << 20
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+@dataclass(frozen=True)
 class Config:
     """The daemon's whole configuration, validated."""
 
@@ -175,6 +192,7 @@ class Config:
     energy: EnergyConfig
     preload: PreloadConfig
     raw: dict[str, Any]
+    http: HttpConfig = HttpConfig()
 
     def stage_models(self, stage: str, text: str) -> tuple[str, ...]:
         """The models that answer ``stage`` for this question, in order: a model serving the stage
@@ -310,7 +328,29 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
         energy=_energy(raw.get("energy", {}), stages),
         preload=_preload(raw.get("preload", {})),
         raw=raw,
+        http=http_config(raw.get("http", {})),
     )
+
+
+def http_config(h: dict[str, Any], listen: str | None = None) -> HttpConfig:
+    """``[http]``; ``listen`` (``miradord --http``) overrides its key. "off" turns the API off."""
+    listen = str(listen if listen is not None else h.get("listen", HttpConfig.listen)).strip()
+    if listen.lower() in ("off", "", "false", "no"):
+        listen = ""
+    elif not re.fullmatch(r"(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", listen) or not 0 <= int(listen.rpartition(":")[2]) < 65536:
+        raise ConfigError(f"http.listen / --http must be HOST:PORT (e.g. 127.0.0.1:11435) or \"off\", not {listen!r}")
+    origins = h.get("origins", [])
+    if isinstance(origins, str):  # like OLLAMA_ORIGINS: comma-separated
+        origins = [o.strip() for o in origins.split(",") if o.strip()]
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ConfigError("http.origins must be a list of origins, e.g. [\"https://chat.example.org\"]")
+    try:
+        limit = int(h.get("max_body_bytes", HttpConfig.max_body_bytes))
+        if limit < 1024:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"http.max_body_bytes must be a number of bytes >= 1024, not {h.get('max_body_bytes')!r}") from None
+    return HttpConfig(listen, tuple(o.rstrip("/") for o in origins), limit)
 
 
 def _stages(stages_raw: dict[str, Any], models: dict[str, ModelSpec]) -> dict[str, StageConfig]:

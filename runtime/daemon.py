@@ -25,7 +25,7 @@ from mirador.client.paths import Paths
 from mirador.client.protocol import ProtocolError
 
 from .access import TcpAccess
-from .config import Config, ConfigError, Placement, load_config
+from .config import Config, ConfigError, Placement, http_config, load_config
 
 log = logging.getLogger("mirador.daemon")
 
@@ -56,6 +56,7 @@ class Daemon:
         self.learner: Any = None  # the Learner actor, when learning is on
         self.energy: Any = None  # the EnergyMonitor actor
         self.preloader: Any = None  # the Preloader actor: every model load and unload goes through it
+        self.http: Any = None  # the HTTP API (http_server.HttpApi), unless [http] listen is off
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -89,6 +90,7 @@ class Daemon:
             "ray_namespace": self.config.ray_namespace,
             "socket": str(self.paths.socket),
             "listen": self.tcp.endpoint if self.tcp else None,
+            "http": self.http.url if self.http else None,
             "log": str(self.paths.logfile),
             "actors": list(actors),
             "memory": memory,
@@ -322,6 +324,11 @@ class Daemon:
             await self._await_loads(loads)
             server = Server(self.paths.endpoint, self, self.tcp)
             server.bind()
+            if self.config.http.listen:
+                from .http_server import HttpApi
+
+                self.http = HttpApi(self, self.config.http, self.paths)
+                await self.http.start()
             self.ready = True
             log.info("ready in %.1f s at %s", time.time() - self.started_at, self.paths.endpoint)
             serving = asyncio.ensure_future(server.serve())
@@ -330,6 +337,8 @@ class Daemon:
             serving.cancel()
             watching.cancel()
         finally:
+            if self.http is not None:
+                await self.http.close()
             if server is not None:
                 await server.close()
             for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner, self.energy, self.preloader])]:
@@ -375,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--listen", metavar="tcp://HOST:PORT",
                         help="also serve CurveZMQ clients whose keys are in authorized_keys on this TCP endpoint "
                              "(keys: `mirador keys init`; default from config: daemon.listen)")
+    parser.add_argument("--http", metavar="HOST:PORT",
+                        help="serve the HTTP API (Ollama /api, OpenAI /v1, web view /ui) here, or 'off' "
+                             "(default from config: http.listen, 127.0.0.1:11435)")
     args = parser.parse_args(argv)
 
     paths = Paths.from_env()
@@ -386,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         forced_profile()  # a wrong MIRADOR_POWER_PROFILE is a start-up error, said plainly
         listen = args.listen or config.listen
         tcp = TcpAccess.load(listen, paths) if listen else None  # missing keys: said now, not after Ray starts
+        if args.http is not None:
+            config = dataclasses.replace(config, http=http_config(config.raw.get("http", {}), args.http))
+        from .http_server import check_listen
+
+        check_listen(config.http, paths)  # beyond loopback without an API key: refused now
     except (ConfigError, OSError, ValueError) as exc:
         print(f"miradord: {exc}", file=sys.stderr)
         return 2

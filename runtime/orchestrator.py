@@ -79,7 +79,8 @@ class Ask:
     options: dict[str, Any] = field(default_factory=dict)
     query_id: str = field(default_factory=lambda: uuid.uuid4().hex[:16])
     memories: list[dict[str, Any]] = field(default_factory=list)  # recalled for this question
-    history: list[dict[str, Any]] = field(default_factory=list)  # the session's earlier turns
+    history: list[dict[str, Any]] = field(default_factory=list)  # earlier turns: the client's, else the session's
+    system: str = ""  # the client's own instructions, after each stage's system prompt
     cancelled: bool = False
     running: dict[str, Any] = field(default_factory=dict)  # step -> actor generating for it
     errors: list[dict[str, str]] = field(default_factory=list)  # {stage, model, code} for metrics
@@ -115,7 +116,9 @@ class Orchestrator:
     # -- planning ------------------------------------------------------------------------
     def new_ask(self, request: dict[str, Any]) -> Ask:
         rid, text = request["id"], request["text"]
-        chain, requested = request.get("chain"), request.get("stages")
+        chain, requested, alone = request.get("chain"), request.get("stages"), request.get("model")
+        if alone:
+            return self._model_ask(request)
         if chain and chain not in self.config.chains:
             raise ProtocolError("unknown_chain", f"unknown chain {chain!r}; configured chains: {', '.join(self.config.chains) or 'none'}", rid)
         unknown = [s for s in requested or () if s not in self.config.stages]
@@ -128,7 +131,8 @@ class Orchestrator:
         routed = classify(text)
         ask = Ask(rid, text, [], routed, "sequential" if request.get("sequential") else "progressive",
                   session=request.get("session"), use_memory=request.get("memory", True),
-                  qtype=question_type(text, routed), options=request.get("options") or {})
+                  qtype=question_type(text, routed), options=request.get("options") or {},
+                  history=list(request.get("history") or ()), system=request.get("system") or "")
         if chain:
             self._set_plan(ask, f"chain:{chain}")
             ask.route = Route("chain", 0, f"chain {chain}")
@@ -140,6 +144,22 @@ class Orchestrator:
             ask.routed = True
         return ask
 
+    def _model_ask(self, request: dict[str, Any]) -> Ask:
+        """One manifest model alone, on the actor that runs it: no stages, nothing recalled or
+        stored; the client's system prompt is its system prompt, the client's history its history."""
+        rid, name, options = request["id"], request["model"], request.get("options") or {}
+        if name not in self.config.models:
+            raise ProtocolError("unknown_model", f"no model {name!r} in the manifest; `mirador models list` shows them", rid)
+        key = self.config.actor_for_model(name)
+        if key not in self.actors:
+            raise ProtocolError("model_unused", f"no stage or chain runs {name!r}: name it in a stage's models, "
+                                "or give it roles = [\"STAGE\"] in models.toml", rid)
+        step = Step(name, key, (name,), request.get("system") or "", options.get("max_tokens", 256),
+                    options.get("temperature", 0.7), 300.0, memory=True)
+        return Ask(rid, request["text"], [step], Route("requested", 0, f"model {name} alone"), "sequential",
+                   use_memory=False, qtype=question_type(request["text"], classify(request["text"])), plan=f"model:{name}",
+                   options=options, history=list(request.get("history") or ()))
+
     def _default_plan(self, route: Route) -> str:
         return "+".join(self.config.routes.get(route.kind, self.config.stages))
 
@@ -150,6 +170,8 @@ class Orchestrator:
             ask.steps = [self._chain_step(step, ask.options) for step in self.config.chains[plan[len("chain:"):]].steps]
         else:
             ask.steps = [self._stage_step(name, ask.text, ask.options) for name in plan.split("+")]
+        if ask.system:  # after the stage's own prompt, which stays the cached prefix
+            ask.steps = [dataclasses.replace(s, system_prompt=f"{s.system_prompt}\n\n{ask.system}".strip()) for s in ask.steps]
 
     def _stage_step(self, name: str, text: str, options: dict[str, Any]) -> Step:
         stage = self.config.stages[name]
@@ -265,7 +287,8 @@ class Orchestrator:
     async def _finish_recall(self, ask: Ask, refs: tuple[Any, Any], emit: Emit) -> None:
         recalled, turns = refs
         try:
-            ask.history = await turns if turns is not None else []
+            if turns is not None:  # else: the client's own history, if it gave one
+                ask.history = await turns
             in_history = {turn["id"] for turn in ask.history}  # those come in as history already
             ask.memories = [m for m in await recalled if m["id"] not in in_history]
         except ray.exceptions.RayError as exc:
@@ -372,7 +395,9 @@ class Orchestrator:
         end: dict[str, Any] | None = None
         ask.running[step.name] = actor
         remembered = step.memory and ask.use_memory
-        args = (ask.query_id, build_messages(step.system_prompt, ask.text, previous, ask.history if remembered else ()),
+        # History is the conversation itself (the client's or the session's), so it goes to the
+        # stages that take it even when incognito; an incognito ask has no session turns.
+        args = (ask.query_id, build_messages(step.system_prompt, ask.text, previous, ask.history if step.memory else ()),
                 step.max_tokens, step.temperature, list(step.models),
                 ask.memories if remembered else None, self.config.memory.context_tokens)
         # The actor starts on the prompt first; the stage_start frame goes out while it works.

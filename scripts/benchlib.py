@@ -46,7 +46,7 @@ def private_daemon(extra_env: dict[str, str] | None = None, home: Path | None = 
 
     home = home or new_home()
     env = {k: v for k, v in os.environ.items() if not k.startswith("XDG_")}
-    env.update(extra_env or {}, MIRADOR_HOME=str(home))
+    env.update({"MIRADOR_HTTP__LISTEN": "127.0.0.1:0"}, **(extra_env or {}), MIRADOR_HOME=str(home))  # a free port
     paths = Paths.from_env(env)
     print(f"starting a daemon in {home} ...", file=sys.stderr)
     proc = subprocess.Popen([str(BIN / "miradord")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -47,7 +47,8 @@ def make_home(config: dict[str, str] | None = None) -> Home:
     # Short, so the ipc socket path stays far below the unix limit whatever pytest's tmp path is.
     root = Path(tempfile.mkdtemp(prefix="mrd-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIRADOR_", "XDG_", "RAY_"))}
-    env.update(MIRADOR_HOME=str(root), PATH=f"{BIN}:{env.get('PATH', '')}", NO_COLOR="1")
+    # The HTTP API on a free port: test daemons (and other people's) run side by side.
+    env.update(MIRADOR_HOME=str(root), PATH=f"{BIN}:{env.get('PATH', '')}", NO_COLOR="1", MIRADOR_HTTP__LISTEN="127.0.0.1:0")
     home = Home(root, env)
     for name, text in (config or {}).items():
         home.paths.config.mkdir(parents=True, exist_ok=True)
