@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -25,19 +24,13 @@ QUESTION = "Compare the risks and trade-offs of Python and Rust for a database s
 TIMEOUT_MS = 240_000  # three stages of SmolLM2 on two busy cores
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def web_daemon():
-    port = free_port()
-    config = f'[http]\nlisten = "127.0.0.1:{port}"\n' + "".join(
-        f"[stages.{stage}]\nmax_tokens = 20\n" for stage in ("quick", "deep", "synthesis"))
+    """A daemon with short stage answers; its HTTP API on a free port (conftest), found in its status."""
+    config = "".join(f"[stages.{stage}]\nmax_tokens = 20\n" for stage in ("quick", "deep", "synthesis"))
     for d in daemon_in_new_home({"mirador.toml": config}):
-        d.url = f"http://127.0.0.1:{port}"
+        with d.home.client() as client:
+            d.url = client.status()["http"].rstrip("/")
         yield d
 
 
