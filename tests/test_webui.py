@@ -121,6 +121,7 @@ def test_a_rating_from_the_page_reaches_the_learner(web_daemon, answered, tmp_pa
         types = client.learn("stats")["types"]
     plans = [p for t in types for p in t["plans"]]
     assert plans == [{"plan": "quick+deep+synthesis", "ratings": 1, "mean_rating": 4.0}], (query_id, types)
+    page.locator("#memory-items li.memory", has_text=QUESTION).wait_for()  # for the screenshot
     save_screenshot(page, tmp_path, "webui-rated.png")
 
 
@@ -138,7 +139,8 @@ def _newest_until(page, question: str, timeout: float = 60):
 
 def test_memories_are_listed_searched_and_forgotten_from_the_page(web_daemon, answered, tmp_path):
     page = answered
-    item = _newest_until(page, QUESTION)
+    item = page.locator("#memory-items li.memory", has_text=QUESTION)
+    item.wait_for()  # the page lists the new exchange by itself once it is stored
     memory_id = item.get_attribute("data-id")
     assert item.locator(".memory-answer").inner_text().strip()
 

@@ -234,14 +234,9 @@ function onDone(ev, chunk) {
   $("rating").disabled = !view.queryId || ev.cancelled;
 }
 
-function onRemembered(ev) {
-  if (ev.memory_id) $("done-line").append(` · remembered as ${ev.memory_id}`);
-  listMemories();  // the new exchange is on disk now
-}
-
 const HANDLERS = {
   start: onStart, memory: onMemory, context: onContext, stage_start: onStageStart, token: onToken,
-  stage_end: onStageEnd, error: onEventError, done: onDone, remembered: onRemembered,
+  stage_end: onStageEnd, error: onEventError, done: onDone,
 };
 
 function handleChunk(chunk) {
@@ -287,8 +282,8 @@ async function ask(question) {
     if ($("answer").dataset.state === "asking") {
       showError("the answer stream ended before it was done");
       $("answer").dataset.state = "error";
-    } else if (!$("memory-query").value) {
-      setTimeout(() => loadMemories(""), 500);  // the exchange is stored just after the answer
+    } else if (!$("incognito").checked) {
+      showStoredExchange(question);
     }
   } catch (e) {
     if (e.name === "AbortError") {
@@ -356,11 +351,23 @@ async function loadMemories(query) {
     $("memory-items").replaceChildren(...memories.map(memoryItem));
     $("memory-items").dataset.query = query || "";
     $("memory-note").textContent = memories.length
-      ? (query ? `${memories.length} closest to “${query}”` : `${memories.length} newest`)
+      ? (query ? `${memories.length} closest to “${query}”` : `${memories.length} ${memories.length === 1 ? "memory" : "memories"}, newest first`)
       : (query ? `nothing close to “${query}”` : "no memories yet");
   } catch (e) {
     $("memory-note").textContent = "";
     showError(`memories: ${e.message}`);
+  }
+}
+
+// The exchange is stored just after `done` (a durable write, ~0.3 s; the HTTP stream ends at
+// `done`, before the daemon's `remembered`), so the newest list is fetched until it shows it.
+async function showStoredExchange(question) {
+  for (const delay of [300, 700, 1500, 3000, 5000, 10000]) {
+    await new Promise((resolve) => setTimeout(resolve, delay));
+    if ($("memory-query").value || view.controller) return;  // the person is searching, or asking again
+    await loadMemories("");
+    const listed = [...$("memory-items").querySelectorAll(".memory-question")].map((q) => q.textContent);
+    if (listed.includes(question)) return;
   }
 }
 
