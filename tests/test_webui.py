@@ -175,3 +175,21 @@ def test_an_api_error_is_shown_in_the_page(web_daemon, page):
     error = page.locator("#errors .error")
     error.wait_for()
     assert memory_id in error.inner_text() and "forget failed" in error.inner_text()
+
+
+def test_an_incognito_question_runs_only_its_route_and_is_not_kept(web_daemon, page):
+    question = "Name a fruit."
+    assert classify(question).kind == "simple"  # the quick stage alone
+    page.goto(f"{web_daemon.url}/ui")
+    page.locator("#incognito").check()
+    page.locator("#question").fill(question)
+    page.locator("#question").press("Enter")
+    page.wait_for_selector("#answer[data-state=done]", timeout=TIMEOUT_MS)
+    assert page.locator(".stage").evaluate_all("els => els.map(e => e.dataset.stage)") == ["quick"]
+    assert page.locator('.stage[data-stage="quick"] .tok[data-confidence]').count() > 0
+    assert page.locator('.stage[data-stage="quick"]').get_attribute("class").split() == ["stage", "is-answer"]
+    assert page.locator('#rating button[data-score="5"]').is_disabled()  # nothing kept, nothing to rate
+    assert "incognito" in page.locator("#rating-result").inner_text()
+    time.sleep(2)  # a stored exchange would be on disk by now (~0.3 s)
+    with web_daemon.home.client() as client:
+        assert question not in [r["question"] for r in client.memory("list", limit=100)["records"]]

@@ -15,6 +15,7 @@ const view = {
   queryId: null,
   stages: new Map(),    // stage name -> {el, text, tokens}
   lastStage: null,      // the plan's last stage: it writes the answer
+  incognito: false,     // the running answer's: nothing recalled, stored or learned
 };
 
 // ---- small helpers ---------------------------------------------------------------------------
@@ -231,7 +232,8 @@ function onDone(ev, chunk) {
   if (m.duration_s != null) parts.push(`in ${fmt.s(m.duration_s)}`);
   if (m.errors && m.errors.length) parts.push(`${m.errors.length} stage error(s)`);
   $("done-line").textContent = parts.join(" · ");
-  $("rating").disabled = !view.queryId || ev.cancelled;
+  $("rating").disabled = !view.queryId || ev.cancelled || view.incognito;
+  if (view.incognito) $("rating-result").textContent = "incognito: this answer is not kept, so it cannot be rated";
 }
 
 const HANDLERS = {
@@ -260,7 +262,8 @@ async function ask(question) {
   $("stop-button").disabled = false;
   const body = { model: "mirador", messages: [{ role: "user", content: question }], stream: true };
   const headers = { "Content-Type": "application/json", Accept: "application/x-ndjson" };
-  if ($("incognito").checked) headers["X-Mirador-Incognito"] = "1";
+  view.incognito = $("incognito").checked;
+  if (view.incognito) headers["X-Mirador-Incognito"] = "1";
   try {
     const response = await fetch("/api/chat", { method: "POST", headers, body: JSON.stringify(body), signal: controller.signal });
     if (!response.ok) throw new Error(await apiError(response));
@@ -282,7 +285,7 @@ async function ask(question) {
     if ($("answer").dataset.state === "asking") {
       showError("the answer stream ended before it was done");
       $("answer").dataset.state = "error";
-    } else if (!$("incognito").checked) {
+    } else if (!view.incognito) {
       showStoredExchange(question);
     }
   } catch (e) {
