@@ -71,8 +71,8 @@ def save_screenshot(page, tmp_path: Path, name: str) -> Path:
 
 
 def test_page_loads_from_the_daemon_with_its_status(web_daemon, page):
-    response = page.goto(f"{web_daemon.url}/ui")
-    assert response.ok and page.title() == "Mirador"
+    response = page.goto(f"{web_daemon.url}/")  # a browser at the root is sent to the web view
+    assert response.ok and page.url == f"{web_daemon.url}/ui" and page.title() == "Mirador"
     page.wait_for_function("document.getElementById('daemon').textContent.includes('pid')")
     assert page.locator("#question").evaluate("el => el === document.activeElement")
     assert page.locator("#errors").inner_text() == ""
