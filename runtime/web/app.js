@@ -292,6 +292,12 @@ async function ask(question) {
     if (e.name === "AbortError") {
       $("answer").dataset.state = "cancelled";
       $("done-line").textContent = "stopped";
+      for (const stage of view.stages.values()) {
+        if (stage.el.dataset.state === "running" || stage.el.dataset.state === "waiting") {
+          stage.el.dataset.state = "cancelled";
+          stage.el.querySelector(".stage-stats").textContent = "stopped";
+        }
+      }
     } else {
       $("answer").dataset.state = "error";
       showError(e.message.startsWith("Failed to fetch") ? `cannot reach the daemon (${e.message}); is miradord running?` : e.message);
