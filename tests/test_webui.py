@@ -193,3 +193,16 @@ def test_an_incognito_question_runs_only_its_route_and_is_not_kept(web_daemon, p
     time.sleep(2)  # a stored exchange would be on disk by now (~0.3 s)
     with web_daemon.home.client() as client:
         assert question not in [r["question"] for r in client.memory("list", limit=100)["records"]]
+
+
+def test_the_memories_a_question_recalls_are_shown(web_daemon, page):
+    with web_daemon.home.client() as client:
+        list(client.ask("My favourite colour is teal.", stages=["quick"], max_tokens=4))
+    page.goto(f"{web_daemon.url}/ui")
+    page.locator("#question").fill("What is my favourite colour?")
+    page.locator("#question").press("Enter")
+    page.wait_for_selector("#answer[data-state=done]", timeout=TIMEOUT_MS)
+    assert page.locator("#recalled").get_attribute("open") is not None  # shown open when there are some
+    recalled = page.locator("#recalled-list li", has_text="My favourite colour is teal.")
+    assert recalled.count() == 1 and recalled.locator(".sim").inner_text().endswith("%")
+    assert int(page.locator("#recalled-count").inner_text()) >= 1
