@@ -88,26 +88,27 @@ def test_a_question_streams_into_the_panels_of_the_stages_the_route_ran(answered
     assert page.locator(".stage").evaluate_all("els => els.map(e => e.dataset.stage)") == stages
     for stage in stages:
         panel = page.locator(f'.stage[data-stage="{stage}"]')
-        assert panel.get_attribute("data-state") == "done"
-        assert panel.locator(".stage-model").inner_text() == "smollm2-135m"
-        assert panel.locator(".stage-text").inner_text().strip(), f"no text in the {stage} panel"
+        shown = f"{stage} panel: {panel.inner_text()!r}"  # what the page shows, should this fail
+        assert panel.get_attribute("data-state") == "done", shown
+        assert panel.locator(".stage-model").inner_text() == "smollm2-135m", shown
+        assert panel.locator(".stage-text").inner_text().strip(), shown
         tokens = panel.locator(".tok").evaluate_all(
             "els => els.map(e => [e.dataset.confidence, e.dataset.band, e.style.getPropertyValue('--c'), e.title])")
-        assert tokens, f"no tokens in the {stage} panel"
+        assert tokens, shown
         for confidence, band, shade, title in tokens:
             c = float(confidence)
-            assert 0 <= c <= 1 and float(shade) == c and title.startswith("confidence ")
-            assert band == ("high" if c >= 0.9 else "mid" if c >= 0.7 else "low")
+            assert 0 <= c <= 1 and float(shade) == c and title.startswith("confidence "), (confidence, shade, title)
+            assert band == ("high" if c >= 0.9 else "mid" if c >= 0.7 else "low"), (confidence, band)
         stats = panel.locator(".stage-stats")
-        assert float(stats.get_attribute("data-first-token-s")) > 0
-        assert float(stats.get_attribute("data-tokens-per-s")) > 0
-        assert "first token" in stats.inner_text() and "tok/s" in stats.inner_text()
+        assert float(stats.get_attribute("data-first-token-s")) > 0, shown
+        assert float(stats.get_attribute("data-tokens-per-s")) > 0, shown
+        assert "first token" in stats.inner_text() and "tok/s" in stats.inner_text(), shown
     # The plan's last stage writes the answer; the rest is shown as thinking.
     assert page.locator(".stage.is-answer").get_attribute("data-stage") == "synthesis"
     assert page.locator("#recalled-count").inner_text() == "0"  # a fresh home remembers nothing yet
     assert page.locator("#answer").get_attribute("data-query-id")
-    assert page.locator("#errors").inner_text() == "" and page.console_errors == []
     save_screenshot(page, tmp_path, "webui-answer.png")
+    assert page.locator("#errors").inner_text() == "" and page.console_errors == []
 
 
 def test_a_rating_from_the_page_reaches_the_learner(web_daemon, answered, tmp_path):
