@@ -80,6 +80,7 @@ def test_page_loads_from_the_daemon_with_its_status(web_daemon, page):
 
 def test_a_question_streams_into_the_panels_of_the_stages_the_route_ran(answered, tmp_path):
     page = answered
+    save_screenshot(page, tmp_path, "webui-answer.png")  # first, so that a failure below has it too
     route = classify(QUESTION)
     assert page.locator("#route").get_attribute("data-route") == route.kind == "complex"
     assert page.locator("#reason").inner_text() == route.reason
@@ -107,7 +108,6 @@ def test_a_question_streams_into_the_panels_of_the_stages_the_route_ran(answered
     assert page.locator(".stage.is-answer").get_attribute("data-stage") == "synthesis"
     assert page.locator("#recalled-count").inner_text() == "0"  # a fresh home remembers nothing yet
     assert page.locator("#answer").get_attribute("data-query-id")
-    save_screenshot(page, tmp_path, "webui-answer.png")
     assert page.locator("#errors").inner_text() == "" and page.console_errors == []
 
 
