@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -32,6 +33,8 @@ from mirador.client import protocol
 from mirador.client.protocol import ProtocolError
 
 from .http_server import ApiError
+
+log = logging.getLogger("mirador.http")
 
 EMBED_MODEL = "all-minilm-l6-v2"  # the memory's embedding model, offered for /api/embed and /v1/embeddings
 _ids = itertools.count(1)
@@ -252,6 +255,8 @@ class Answer:
                 "eval_count": eval_count, "eval_duration": int(eval_s * ns)}
 
 
+STATUS_OF_ERROR = {"shutting_down": 503, "memory_unavailable": 503}
+
 Write = Callable[[str, tuple[dict[str, Any], str, str]], Any]
 
 
@@ -304,12 +309,11 @@ class AskRun:
         except BaseException:
             # The client went away (the handler was cancelled, or a write failed): stop the stages.
             if not task.done():
+                log.info("HTTP client went away; its ask %s was cancelled", self.ask.query_id)
                 self.daemon.cancel_ask(self.ask)
                 task.cancel()
+            finished.cancel()  # nobody waits for it any more
             raise
-
-
-STATUS_OF_ERROR = {"shutting_down": 503, "memory_unavailable": 503}
 
 
 async def stream_response(request: web.Request, content_type: str) -> web.StreamResponse:

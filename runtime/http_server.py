@@ -24,6 +24,7 @@ import ipaddress
 import json
 import logging
 import re
+import socket
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
@@ -70,11 +71,18 @@ def is_loopback(host: str) -> bool:
 
 
 def check_listen(http: HttpConfig, paths: Paths) -> None:
-    """Refuse a listen address beyond loopback while no API key exists (said before Ray starts)."""
+    """Refuse a listen address beyond loopback while no API key exists, or one that is taken
+    (said before Ray starts)."""
     if http.listen and not is_loopback(http.host) and not api_keys.read(paths):
         raise ConfigError(f"the HTTP API would listen on {http.listen}, beyond this machine, but no API key exists: "
                           f"create one with `mirador keys api-key` (clients then send `Authorization: Bearer KEY`), "
                           f"or listen on 127.0.0.1 ([http] listen, --http)")
+    if http.listen and http.port:  # taken (say, by another daemon): said now, not after Ray and the models start
+        try:
+            socket.create_server((http.host, http.port), reuse_port=False).close()
+        except OSError as exc:
+            raise ConfigError(f"the HTTP API cannot listen on {http.listen}: {exc.strerror or exc}; choose another "
+                              "address ([http] listen, --http HOST:PORT) or turn it off (--http off)") from None
     if "*" in http.origins and not api_keys.read(paths):
         raise ConfigError("[http] origins = [\"*\"] lets every web page call the API: create an API key first "
                           "(`mirador keys api-key`), or list the origins you use")
@@ -136,7 +144,9 @@ class HttpApi:
     async def start(self) -> None:
         # handler_cancellation: a client that disconnects cancels its handler at once, which is
         # how a vanished client stops its generations even between two tokens.
-        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        # shutdown_timeout: at daemon shutdown an answer still streaming is cut after 1 s (its
+        # handler is cancelled, which cancels the ask), not waited for a minute.
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.host, self.config.port, reuse_address=True)
         try:

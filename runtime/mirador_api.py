@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Any
 
 from aiohttp import web
+
 from mirador.client import protocol
 
 from .http_server import ApiError, json_body

@@ -250,10 +250,8 @@ async def _answer(request: web.Request, kind: str) -> web.StreamResponse:
             if thinking:
                 out["thinking"] = thinking
         if mirador["event"] == "done":
-            out.update(done=True, done_reason="stop" if not mirador.get("cancelled") else "cancelled",
+            out.update(done=True, done_reason="cancelled" if mirador.get("cancelled") else run.answer.done_reason(),
                        **run.answer.totals(), query_id=mirador["query_id"])
-            if not mirador.get("cancelled"):
-                out["done_reason"] = run.answer.done_reason()
         out["mirador"] = mirador
         return out
 

@@ -289,7 +289,7 @@ class Orchestrator:
         try:
             if turns is not None:  # else: the client's own history, if it gave one
                 ask.history = await turns
-            in_history = {turn["id"] for turn in ask.history}  # those come in as history already
+            in_history = {turn.get("id") for turn in ask.history}  # those come in as history already
             ask.memories = [m for m in await recalled if m["id"] not in in_history]
         except ray.exceptions.RayError as exc:
             log.error("recall failed: %s", exc)

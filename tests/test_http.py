@@ -9,6 +9,7 @@ network address does.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -25,6 +26,8 @@ import openai
 import pytest
 
 from mirador.client import api_keys
+from mirador.runtime.http_ask import Answer, conversation
+from mirador.runtime.http_server import ApiError
 
 from .conftest import BIN, make_home, start_daemon, stop_daemon
 
@@ -69,6 +72,13 @@ def raw(api, method: str, path: str, body: bytes | dict | None = None, headers: 
     return out
 
 
+def ndjson(api, path: str, body: dict, headers: dict | None = None) -> list[dict]:
+    """A streamed answer's chunks, as sent (the ollama client drops the fields it does not know)."""
+    with httpx.stream("POST", f"{api['url']}{path}", json=body, headers=headers, timeout=120) as response:
+        assert response.status_code == 200, response.read()
+        return [json.loads(line) for line in response.iter_lines() if line]
+
+
 # -- the official ollama client --------------------------------------------------------------
 def test_ollama_list_show_ps(api):
     client = ollama.Client(host=api["url"])
@@ -92,17 +102,20 @@ def test_ollama_chat_streaming_then_rate_with_the_cli(api):
                               stream=True, options={"num_predict": 12}))
     text = "".join(c.message.content or "" for c in chunks)
     final = chunks[-1]
-    assert final.done and final.done_reason in ("stop", "length") and final.eval_count == 12 or final.eval_count > 0
+    assert final.done and final.done_reason in ("stop", "length") and 0 < final.eval_count <= 12
     assert text.strip() and final.total_duration > final.eval_duration > 0
-    events = [c["mirador"]["event"] for c in (json.loads(c.model_dump_json()) | {"mirador": c.mirador} for c in chunks)]
-    assert events[0] == "start" and events[-1] == "done" and "token" in events
-    tokens = [c.mirador for c in chunks if c.mirador["event"] == "token"]
-    assert all(t["stage"] == "quick" and 0 <= t["confidence"] <= 1 for t in tokens)
-    assert "".join(t["text"] for t in tokens) == text
-    query_id = final.query_id
-    assert query_id == final.mirador["query_id"]
-    rated = api["home"].mirador("rate", "4", "--query-id", query_id)
-    assert rated.returncode == 0, rated.stderr
+    # The same request as sent on the wire: every chunk carries its Mirador event.
+    sent = ndjson(api, "/api/chat", {"model": "mirador:quick", "options": {"num_predict": 12},
+                                     "messages": [{"role": "user", "content": "What is rain?"}]})
+    events = [c["mirador"]["event"] for c in sent]
+    assert events[0] == "start" and events[-1] == "done" and "token" in events and sent[-1]["done"]
+    tokens = [c["mirador"] for c in sent if c["mirador"]["event"] == "token"]
+    assert all(t["stage"] == "quick" and t["model"] == "smollm2-135m" and 0 <= t["confidence"] <= 1 for t in tokens)
+    assert "".join(t["text"] for t in tokens) == "".join(c["message"]["content"] for c in sent)
+    query_id = sent[-1]["query_id"]
+    assert query_id == sent[-1]["mirador"]["query_id"] == sent[0]["mirador"]["query_id"]
+    rated = api["home"].mirador("rate", "4", query_id)
+    assert rated.returncode == 0 and query_id in rated.stdout + rated.stderr, rated.stderr
 
 
 def test_ollama_chat_not_streaming_with_history(api):
@@ -112,19 +125,19 @@ def test_ollama_chat_not_streaming_with_history(api):
         {"role": "user", "content": "My name is Ada."}, {"role": "assistant", "content": "Hello Ada!"},
         {"role": "user", "content": "What is my name?"}])
     assert reply.done and reply.message.role == "assistant" and reply.message.content.strip()
-    assert reply.eval_count > 0 and reply["query_id"]
+    assert reply.eval_count > 0
 
 
 def test_several_stages_think_first_and_answer_last(api):
     client = ollama.Client(host=api["url"])
-    chunks = list(client.chat("chain:draft-critique-revise", stream=True, options={"num_predict": 6},
-                              messages=[{"role": "user", "content": "Name a colour."}]))
-    thinking = "".join(c.message.thinking or "" for c in chunks)
-    content = "".join(c.message.content or "" for c in chunks)
+    chunks = ndjson(api, "/api/chat", {"model": "chain:draft-critique-revise", "options": {"num_predict": 6},
+                                       "messages": [{"role": "user", "content": "Name a colour."}]})
+    thinking = "".join(c["message"].get("thinking", "") for c in chunks)
+    content = "".join(c["message"]["content"] for c in chunks)
     by_stage = {}
     for c in chunks:
-        if c.mirador["event"] == "token":
-            by_stage.setdefault(c.mirador["stage"], []).append(c.mirador["text"])
+        if c["mirador"]["event"] == "token":
+            by_stage.setdefault(c["mirador"]["stage"], []).append(c["mirador"]["text"])
     assert list(by_stage) == ["draft", "critique", "revise"]
     assert thinking == f"[draft]\n{''.join(by_stage['draft'])}\n\n[critique]\n{''.join(by_stage['critique'])}"
     assert content == "".join(by_stage["revise"])
@@ -137,11 +150,12 @@ def test_ollama_generate_and_a_model_alone(api):
     client = ollama.Client(host=api["url"])
     reply = client.generate("smollm2-135m", "The capital of France is", options={"num_predict": 6}, stream=False)
     assert reply.done and reply.response.strip()
-    chunks = list(client.generate("smollm2-135m", "Count: one, two,", options={"num_predict": 6}, stream=True))
+    streamed = list(client.generate("smollm2-135m", "Count: one, two,", options={"num_predict": 6}, stream=True))
+    assert "".join(c.response for c in streamed).strip() and streamed[-1].done
+    chunks = ndjson(api, "/api/generate", {"model": "smollm2-135m", "prompt": "Count: one, two,", "options": {"num_predict": 6}})
     events = [c["mirador"]["event"] for c in chunks]
     assert "memory" not in events  # a model alone: no memory
     assert {c["mirador"]["stage"] for c in chunks if c["mirador"]["event"] == "token"} == {"smollm2-135m"}
-    assert "".join(c.response for c in chunks).strip() and chunks[-1].done
 
 
 def test_empty_chat_loads_and_keep_alive_zero_unloads(api):
@@ -174,18 +188,49 @@ def test_ollama_unknown_model_raises_404(api):
 
 
 def test_incognito_by_header_and_option_stores_nothing(api):
-    before = raw(api, "GET", "/mirador/memories?limit=0")
-    count = len(json.loads(before[2])["memories"])
-    with httpx.stream("POST", f"{api['url']}/api/chat", headers={"X-Mirador-Incognito": "1"}, timeout=120,
-                      json={"model": "mirador:quick", "messages": [{"role": "user", "content": "A secret: 42"}],
-                            "options": {"num_predict": 4}}) as response:
-        events = [json.loads(line)["mirador"]["event"] for line in response.iter_lines() if line]
-    assert "memory" not in events and events[-1] == "done"
+    events = [c["mirador"]["event"] for c in ndjson(api, "/api/chat", headers={"X-Mirador-Incognito": "1"}, body={
+        "model": "mirador:quick", "messages": [{"role": "user", "content": "A secret: 42"}], "options": {"num_predict": 4}})]
+    assert "memory" not in events and events[-1] == "done"  # nothing recalled
     reply = ollama.Client(host=api["url"]).chat("mirador:quick", messages=[{"role": "user", "content": "Another secret"}],
                                                  options={"num_predict": 4, "incognito": True})
     assert reply.done
-    time.sleep(1.0)  # an exchange that were stored would be on disk ~0.3 s after done
-    assert len(json.loads(raw(api, "GET", "/mirador/memories?limit=0")[2])["memories"]) == count
+    shown = ndjson(api, "/api/chat", {"model": "mirador:quick", "options": {"num_predict": 4},
+                                      "messages": [{"role": "user", "content": "Not a secret"}]})
+    stored = []
+    deadline = time.monotonic() + 10
+    while not any(m["question"] == "Not a secret" for m in stored) and time.monotonic() < deadline:
+        time.sleep(0.1)  # stored ~0.3 s after its done; the incognito ones came before it
+        stored = json.loads(raw(api, "GET", "/mirador/memories?limit=0")[2])["memories"]
+    assert shown[-1]["done"] and any(m["question"] == "Not a secret" for m in stored)
+    assert not [m for m in stored if "secret" in m["question"] and m["question"] != "Not a secret"], stored
+
+
+def test_many_http_clients_at_once_are_all_served_in_full(api):
+    async def one(client, i):
+        body = {"model": "mirador:quick", "messages": [{"role": "user", "content": f"Say a word about number {i}."}],
+                "options": {"num_predict": 8, "incognito": True}}
+        async with client.stream("POST", f"{api['url']}/api/chat", json=body) as response:
+            return [json.loads(line) async for line in response.aiter_lines() if line]
+
+    async def everyone():
+        async with httpx.AsyncClient(timeout=180, limits=httpx.Limits(max_connections=8)) as client:
+            return await asyncio.gather(*(one(client, i) for i in range(8)))
+
+    answers = asyncio.run(everyone())
+    assert len({chunks[-1]["query_id"] for chunks in answers}) == 8
+    waits = []
+    for chunks in answers:
+        assert chunks[-1]["done"] and not [c for c in chunks if c["mirador"]["event"] == "error"]
+        (end,) = [c["mirador"] for c in chunks if c["mirador"]["event"] == "stage_end"]
+        tokens = [c for c in chunks if c["mirador"]["event"] == "token"]
+        assert len(tokens) == end["tokens"] == chunks[-1]["eval_count"] > 0  # nothing lost
+        waits.append(end["queued_s"])
+    assert max(waits) > min(waits)  # they took turns on the one quick actor, first come first served
+
+
+def test_pull_reports_progress_like_the_cli(api):
+    steps = list(ollama.Client(host=api["url"]).pull("smollm2-135m", stream=True))
+    assert steps[0].status.startswith("already installed") and steps[-1].status == "success"
 
 
 # -- the openai client -------------------------------------------------------------------------
@@ -262,13 +307,18 @@ def test_a_client_from_the_network_needs_the_key(api):
     assert stat.S_IMODE(os.stat(keyfile).st_mode) == 0o600
 
 
-def test_listening_beyond_loopback_without_a_key_refuses_to_start():
+def test_no_key_beyond_loopback_or_a_taken_port_refuses_to_start_at_once():
     home = make_home()
     try:
         env = {**home.env, "MIRADOR_HTTP__LISTEN": "0.0.0.0:0"}
         home.paths.ensure()
         done = subprocess.run([str(BIN / "miradord")], env=env, capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "mirador keys api-key" in done.stderr
+        with socket.create_server(("127.0.0.1", 0)) as taken:  # another daemon's port, say
+            busy = f"127.0.0.1:{taken.getsockname()[1]}"
+            done = subprocess.run([str(BIN / "miradord"), "--http", busy], env=home.env, capture_output=True, text=True,
+                                  timeout=60)
+        assert done.returncode == 2 and f"cannot listen on {busy}" in done.stderr and "--http off" in done.stderr
     finally:
         shutil.rmtree(home.root, ignore_errors=True)
 
@@ -293,9 +343,10 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_generation(api):
 
 # -- Mirador's own endpoints -------------------------------------------------------------------
 def test_mirador_endpoints_rate_memories_status_and_the_web_view(api):
-    client = ollama.Client(host=api["url"])
-    reply = client.chat("mirador:quick", messages=[{"role": "user", "content": "What do owls eat?"}],
-                        options={"num_predict": 6})
+    status, _, body = raw(api, "POST", "/api/chat", {"model": "mirador:quick", "stream": False, "options": {"num_predict": 6},
+                                                     "messages": [{"role": "user", "content": "What do owls eat?"}]})
+    reply = json.loads(body)
+    assert status == 200 and reply["done"] and reply["mirador"]["event"] == "done"
     status, _, body = raw(api, "POST", "/mirador/rate", {"score": 5, "query_id": reply["query_id"]})
     assert status == 200 and json.loads(body)["rated"]["rating"] == 5
     status, _, body = raw(api, "POST", "/mirador/rate", {"score": 9})
@@ -323,3 +374,58 @@ def test_mirador_endpoints_rate_memories_status_and_the_web_view(api):
     assert status == 404
     shown = api["home"].mirador("status")
     assert f":{api['port']}" in shown.stdout and "http:" in shown.stdout
+
+
+# -- pure parts: how messages become an ask, how events become one assistant message ----------
+def test_messages_before_the_last_user_message_are_history():
+    question, turns, system = conversation([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"}, {"role": "user", "content": "I am Ada"},
+        {"role": "assistant", "content": "Hello Ada"},
+        {"role": "user", "content": [{"type": "text", "text": "Who am I?"}]}])
+    assert question == "Who am I?" and system == "Be brief."
+    assert turns == [{"question": "Hi\n\nI am Ada", "answer": "Hello Ada"}]
+    assert conversation([]) == ("", [], "")
+    with pytest.raises(ApiError, match="user message"):
+        conversation([{"role": "assistant", "content": "hello"}])
+
+
+def feed(answer: Answer, events: list[tuple[str, dict]]) -> tuple[str, str]:
+    thinking = content = ""
+    for name, fields in events:
+        _, t, c = answer.event(name, fields)
+        thinking, content = thinking + t, content + c
+    return thinking, content
+
+
+def test_overlapping_stages_think_one_after_another_and_the_last_answers():
+    tok = lambda stage, text: ("token", {"stage": stage, "text": text})  # noqa: E731
+    end = lambda stage: ("stage_end", {"stage": stage, "tokens": 2})  # noqa: E731
+    answer = Answer()
+    thinking, content = feed(answer, [
+        ("start", {"stages": ["quick", "deep", "synthesis"], "query_id": "q1"}),
+        tok("quick", "A"), tok("deep", "x"), tok("quick", "B"), tok("deep", "y"), end("quick"), tok("deep", "z"),
+        end("deep"), tok("synthesis", "Final"), end("synthesis"), ("done", {"query_id": "q1", "cancelled": False})])
+    assert thinking == "[quick]\nAB\n\n[deep]\nxyz" == answer.thinking()
+    assert content == "Final" == answer.content()
+
+
+def test_when_the_last_stage_says_nothing_the_answer_is_the_latest_earlier_one():
+    answer = Answer()
+    thinking, content = feed(answer, [
+        ("start", {"stages": ["quick", "deep", "synthesis"], "query_id": "q2"}),
+        ("token", {"stage": "quick", "text": "Quick answer"}), ("stage_end", {"stage": "quick"}),
+        ("token", {"stage": "deep", "text": "Deep answer"}), ("stage_end", {"stage": "deep"}),
+        ("error", {"stage": "synthesis", "code": "timeout", "message": "too slow"}), ("stage_end", {"stage": "synthesis"}),
+        ("done", {"query_id": "q2", "cancelled": False})])
+    assert content == "Deep answer" == answer.content()
+    assert thinking == "[quick]\nQuick answer\n\n[deep]\nDeep answer"
+
+
+def test_the_full_pipeline_is_exactly_mirador_ask(api):
+    chunks = ndjson(api, "/api/chat", {"model": "mirador", "options": {"num_predict": 4},
+                                       "messages": [{"role": "user", "content": "What is hail?"}]})
+    start = chunks[0]["mirador"]
+    assert start["event"] == "start" and start["route"] == "simple" and start["stages"] == ["quick"]  # the router chose
+    assert chunks[1]["mirador"]["event"] == "memory"  # recall ran, as for `mirador ask`
+    assert chunks[-1]["done"] and chunks[-1]["mirador"]["event"] == "done"  # the stream ends at done
