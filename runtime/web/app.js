@@ -319,14 +319,13 @@ async function rate(score) {
   if (!view.queryId) return;
   $("rating-result").textContent = "…";
   try {
-    const reply = await api("POST", "/mirador/rate", { score, query_id: view.queryId });
-    const r = reply.rated && typeof reply.rated === "object" ? reply.rated : reply;
+    const { rated: r } = await api("POST", "/mirador/rate", { score, query_id: view.queryId });
     for (const b of $("rating").querySelectorAll("button")) {
       b.setAttribute("aria-pressed", String(Number(b.dataset.score) === score));
     }
     const plan = r.plan ? ` (plan ${r.plan}${r.type ? `, ${r.type}` : ""})` : "";
-    $("rating-result").textContent = `rated ${r.rating ?? score}/5${plan}`;
-    $("rating").dataset.rated = String(r.rating ?? score);
+    $("rating-result").textContent = `rated ${r.rating}/5${plan}`;
+    $("rating").dataset.rated = String(r.rating);
   } catch (e) {
     $("rating-result").textContent = "";
     showError(`rating failed: ${e.message}`);
