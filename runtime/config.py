@@ -8,6 +8,7 @@ to a plain string.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import tomllib
@@ -157,6 +158,23 @@ class PreloadConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """What the daemon keeps on disk, so that nothing grows without bound. 0: no limit of that kind."""
+
+    log_max_mb: float = 10  # miradord.log (and each log of the private Ray) rotates at this size
+    log_backups: int = 3  # rotated logs kept
+    metrics_days: float = 90  # per-question metrics older than this are dropped
+    metrics_max_rows: int = 100_000  # questions kept in the metrics
+    learning_days: float = 365  # ratings and rateable questions older than this are dropped
+    learning_max_rows: int = 100_000  # rows kept per learner table
+    prune_every_s: float = 3600  # how often the daemon prunes, besides at start
+
+    @property
+    def log_max_bytes(self) -> int:
+        return int(self.log_max_mb * 1024 * 1024)
+
+
+@dataclass(frozen=True)
 class Config:
     """The daemon's whole configuration, validated."""
 
@@ -174,6 +192,7 @@ class Config:
     learning_enabled: bool
     energy: EnergyConfig
     preload: PreloadConfig
+    retention: RetentionConfig
     raw: dict[str, Any]
 
     def stage_models(self, stage: str, text: str) -> tuple[str, ...]:
@@ -309,6 +328,7 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
         learning_enabled=bool(raw.get("learning", {}).get("enabled", True)),
         energy=_energy(raw.get("energy", {}), stages),
         preload=_preload(raw.get("preload", {})),
+        retention=_retention(raw.get("retention", {})),
         raw=raw,
     )
 
@@ -417,4 +437,25 @@ def _preload(p: dict[str, Any]) -> PreloadConfig:
         raise ConfigError(f"preload: {exc}") from None
     if not 0 < config.budget_share <= 1 or config.budget_mb < 0:
         raise ConfigError("preload: budget_share must be in (0, 1] and budget_mb at least 0")
+    return config
+
+
+def _retention(r: dict[str, Any]) -> RetentionConfig:
+    d = RetentionConfig()
+    try:
+        config = RetentionConfig(
+            log_max_mb=float(r.get("log_max_mb", d.log_max_mb)),
+            log_backups=int(r.get("log_backups", d.log_backups)),
+            metrics_days=float(r.get("metrics_days", d.metrics_days)),
+            metrics_max_rows=int(r.get("metrics_max_rows", d.metrics_max_rows)),
+            learning_days=float(r.get("learning_days", d.learning_days)),
+            learning_max_rows=int(r.get("learning_max_rows", d.learning_max_rows)),
+            prune_every_s=float(r.get("prune_every_s", d.prune_every_s)),
+        )
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"retention: {exc}") from None
+    negative = [key for key, value in dataclasses.asdict(config).items() if value < 0]
+    if negative or config.prune_every_s <= 0:
+        raise ConfigError(f"retention: {', '.join(negative) or 'prune_every_s'} must be at least 0 "
+                          "(prune_every_s more than 0)")
     return config

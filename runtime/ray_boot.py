@@ -1,5 +1,18 @@
 """Starting a private local Ray for the daemon, or joining an existing cluster.
 
+A private Ray belongs to the daemon's user alone:
+
+* it listens on loopback only (``_node_ip_address="127.0.0.1"``: Ray's GCS, raylet, object
+  manager, workers and agents then bind 127.0.0.1 instead of every interface);
+* it requires a token (``RAY_AUTH_MODE=token``) that the daemon makes fresh at each start, in a
+  0600 file in Mirador's 0700 state dir (``RAY_AUTH_TOKEN_PATH``: ``ray-<hash>.token``, removed
+  at shutdown); the user's ``~/.ray`` is never read or written;
+* its temp dir (sessions, logs, unix sockets) is ``/tmp/mirador-$UID/ray-<hash>``, inside a
+  0700 directory checked to be the user's; short, because Ray's unix sockets live under it.
+  The daemon removes it at shutdown, and removes those of dead daemons at start: each is
+  claimed by a lock file next to it (``ray-<hash>.lock``), flock-ed by its daemon for life, so
+  a lock that can be taken means its daemon is gone, however it ended.
+
 Joining assumes nothing about the cluster beyond its address: it may have been started by
 ``ray start --head`` (with any temp dir), by ``ray.cluster_utils.Cluster``, or by another tool;
 the daemon only connects a driver to it and disconnects on shutdown, leaving the cluster up.
@@ -10,24 +23,160 @@ or ``RAY_AUTH_TOKEN`` (with an explicit address Ray does not turn token mode on 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import logging
 import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
+from mirador.client import ownership
 from mirador.client.paths import Paths
 
 log = logging.getLogger("mirador.ray")
+
+LOOPBACK = "127.0.0.1"
+_TEMP_NAME = re.compile(r"ray-[0-9a-f]{10}")
 
 
 class ClusterJoinError(Exception):
     """The daemon could not join the Ray cluster; the message says why and what to do."""
 
 
+def ray_parent_dir() -> Path:
+    """Where private Rays keep their temp dirs: one 0700 directory per user, short on purpose."""
+    return Path(f"/tmp/mirador-{os.geteuid()}")
+
+
+def _name(paths: Paths) -> str:
+    """``ray-<hash>``: one per daemon (per runtime dir), stable, so that a crashed one's files are found again."""
+    return f"ray-{hashlib.sha1(str(paths.runtime).encode()).hexdigest()[:10]}"
+
+
 def ray_temp_dir(paths: Paths) -> Path:
-    """A private Ray temp dir per daemon: short (Ray's unix sockets live under it) and stable."""
-    digest = hashlib.sha1(str(paths.runtime).encode()).hexdigest()[:10]
-    return Path(f"/tmp/mirador-ray-{digest}")
+    return ray_parent_dir() / _name(paths)
+
+
+def token_path(paths: Paths) -> Path:
+    return paths.state / f"{_name(paths)}.token"
+
+
+def _lock(path: Path, blocking: bool) -> IO[bytes] | None:
+    """flock ``path`` (created 0600 if missing); None if another process holds it and not ``blocking``.
+
+    A lock file may be unlinked by whoever holds it (to clean up): after locking, make sure the
+    path still names the file we locked, else lock the new one."""
+    while True:
+        handle = open(os.open(path, os.O_RDWR | os.O_CREAT, 0o600), "rb+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        except BlockingIOError:
+            handle.close()
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                return handle
+        except FileNotFoundError:
+            pass
+        handle.close()
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a Ray temp dir; Ray's last processes may still be writing their logs: retry briefly."""
+    for _ in range(20):
+        shutil.rmtree(path, ignore_errors=True)
+        if not os.path.lexists(path):
+            return
+        time.sleep(0.1)
+    log.warning("could not remove all of %s", path)
+
+
+def remove_stale_temp_dirs(parent: Path) -> list[Path]:
+    """Remove the Ray temp dirs (and lock files) under ``parent`` whose daemon is gone; returns them."""
+    removed = []
+    names = {entry.name.removesuffix(".lock") for entry in parent.iterdir()}
+    for name in sorted(n for n in names if _TEMP_NAME.fullmatch(n)):
+        lock_path = parent / f"{name}.lock"
+        lock = _lock(lock_path, blocking=False)
+        if lock is None:  # its daemon is alive
+            continue
+        try:
+            if os.path.lexists(parent / name):
+                _remove_tree(parent / name)
+                removed.append(parent / name)
+            lock_path.unlink(missing_ok=True)  # while locked: see _lock
+        finally:
+            lock.close()
+    return removed
+
+
+@dataclass
+class PrivateTempDir:
+    """A private Ray's temp dir, claimed by its lock for the daemon's lifetime."""
+
+    path: Path
+    lock: IO[bytes]
+
+    @classmethod
+    def claim(cls, paths: Paths) -> "PrivateTempDir":
+        parent = ray_parent_dir()
+        ownership.private_dir(parent, "the directory of Mirador's private Ray")
+        for stale in remove_stale_temp_dirs(parent):
+            log.info("removed %s, left by a daemon that is gone", stale)
+        path = ray_temp_dir(paths)
+        lock = _lock(path.with_name(path.name + ".lock"), blocking=True)  # ours: our runtime dir's pid lock is held
+        assert lock is not None
+        if os.path.lexists(path):  # left by this daemon's previous run; a stale ray_current_cluster would hang init
+            _remove_tree(path)
+        path.mkdir(mode=0o700)
+        return cls(path, lock)
+
+    def seal(self) -> None:
+        """Ray makes its dirs mode 0777 (meant for shared machines): make ours owner-only again."""
+        for directory, subdirs, _ in os.walk(self.path):
+            os.chmod(directory, 0o700)
+            if directory != str(self.path):
+                subdirs[:] = []  # the session dirs one level down are enough: nothing deeper is reachable
+
+    def remove(self) -> None:
+        _remove_tree(self.path)
+        self.path.with_name(self.path.name + ".lock").unlink(missing_ok=True)
+        self.lock.close()
+
+
+def write_token(paths: Paths) -> Path:
+    """A fresh token for the private Ray, in a 0600 file in the 0700 state dir; returns its path."""
+    ownership.private_dir(paths.state, "Mirador's state directory")
+    path = token_path(paths)
+    path.unlink(missing_ok=True)  # created anew below, 0600 from the first byte
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(secrets.token_hex(32))  # as Ray's own tokens: 256 bits
+    return path
+
+
+@dataclass
+class RaySession:
+    """The Ray this daemon uses: its GCS address, and what to clean up if it started it."""
+
+    address: str
+    started: bool
+    temp: PrivateTempDir | None = None
+    token: Path | None = None
+
+    def stop(self) -> None:
+        """Stop the Ray we started (or only disconnect from a joined cluster), then remove our files."""
+        import ray
+
+        ray.shutdown()
+        if self.temp is not None:
+            self.temp.remove()
+        if self.token is not None:
+            self.token.unlink(missing_ok=True)
 
 
 def _join_error(address: str, exc: BaseException) -> ClusterJoinError:
@@ -48,8 +197,10 @@ def _join_error(address: str, exc: BaseException) -> ClusterJoinError:
                             "(is it running? `ray status --address ADDRESS` on this machine should answer)")
 
 
-def start_ray(address: str, num_cpus: int, paths: Paths, namespace: str = "mirador") -> tuple[str, bool]:
-    """Start or join Ray. Returns (the cluster's GCS address, whether this process started it)."""
+def start_ray(address: str, num_cpus: int, paths: Paths, namespace: str = "mirador",
+              log_max_bytes: int = 0, log_backups: int = 0) -> RaySession:
+    """Start a private Ray, or join the cluster at ``address``. ``log_max_bytes`` / ``log_backups``
+    bound each log file of a private Ray (Ray rotates its own logs)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # local-first: no usage reports
     import ray
 
@@ -60,18 +211,28 @@ def start_ray(address: str, num_cpus: int, paths: Paths, namespace: str = "mirad
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError) as exc:
             raise _join_error(address, exc) from None
-        started = False
-    else:
-        temp = ray_temp_dir(paths)
-        temp.mkdir(mode=0o700, exist_ok=True)
-        # A file left by a Ray that was killed makes the next start try to reach it and hang.
-        (temp / "ray_current_cluster").unlink(missing_ok=True)
+        return RaySession(ray.get_runtime_context().gcs_address, started=False)
+
+    temp = PrivateTempDir.claim(paths)
+    try:
+        token = write_token(paths)
+        # Read by this process and inherited by every process of the private Ray. A token the
+        # user's environment names is for their own clusters, not this one.
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(temp.path))
+        if log_max_bytes:
+            os.environ.update(RAY_ROTATION_MAX_BYTES=str(log_max_bytes), RAY_ROTATION_BACKUP_COUNT=str(log_backups))
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
-            _temp_dir=str(temp),
+            _node_ip_address=LOOPBACK,
+            _temp_dir=str(temp.path),
             **common,
         )
-        started = True
-    return ray.get_runtime_context().gcs_address, started
+        temp.seal()
+    except BaseException:
+        ray.shutdown()
+        temp.remove()
+        raise
+    return RaySession(ray.get_runtime_context().gcs_address, started=True, temp=temp, token=token)
