@@ -46,13 +46,13 @@ def version() -> str:
 
 
 class Daemon:
-    def __init__(self, config: Config, paths: Paths, tcp: TcpAccess | None = None):
+    def __init__(self, config: Config, paths: Paths, tcp: TcpAccess | None = None, private_ray: Any = None):
         self.config, self.paths = config, paths
         self.tcp = tcp  # the TCP endpoint for CurveZMQ clients, if any
+        self.private_ray = private_ray  # ray_boot.PrivateRay, prepared by main; None to join config.ray_address
         self.started_at = time.time()
         self.ray_address = ""
-        self.ray_started = False
-        self.ray_session: Any = None  # ray_boot.RaySession: what to stop and remove at shutdown
+        self.ray_started = private_ray is not None
         self.actors: dict[str, Any] = {}  # stage name, or "model:NAME" for a chain-only model -> StageActor
         self.runs: dict[str, tuple[str, ...]] = {}  # actor key -> the models it can run
         self.memory: Any = None  # the MemoryStore actor, when memory is on
@@ -289,10 +289,7 @@ class Daemon:
         log.info("miradord %s starting (pid %d); Ray %s", version(), os.getpid(),
                  f"at {self.config.ray_address}" if self.config.ray_address else "private, local")
         ns = self.config.ray_namespace
-        retention = self.config.retention
-        self.ray_session = start_ray(self.config.ray_address, self.config.ray_num_cpus, self.paths, ns,
-                                     retention.log_max_bytes, retention.log_backups)
-        self.ray_address, self.ray_started = self.ray_session.address, self.ray_session.started
+        self.ray_address = start_ray(self.config.ray_address, self.config.ray_num_cpus, ns, self.private_ray)
         # Ray installs its own SIGTERM handler in ray.init; ours go in after it.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -361,7 +358,7 @@ class Daemon:
                 await server.close()
             for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner, self.energy, self.preloader])]:
                 ray.kill(actor)  # for good: no_restart is the default
-            self.ray_session.stop()  # stops the Ray it started, and removes its files; from a cluster, disconnects
+            ray.shutdown()  # stops the Ray it started (main then removes its files); from a joined cluster it only disconnects
             self.metrics.close()
             log.info("stopped")
 
@@ -427,9 +424,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths.ensure()
         config = load_config(paths)
-        from mirador.actors.energy import forced_profile
-
-        forced_profile()  # a wrong MIRADOR_POWER_PROFILE is a start-up error, said plainly
         listen = args.listen or config.listen
         tcp = TcpAccess.load(listen, paths) if listen else None  # missing keys: said now, not after Ray starts
     except (ConfigError, UnsafePath, OSError, ValueError) as exc:
@@ -443,21 +437,35 @@ def main(argv: list[str] | None = None) -> int:
     if lock is None:
         log.error("another miradord is already running for %s (pid file %s)", paths.runtime, paths.pidfile)
         return 1
-    from .placement import ClusterError
-    from .ray_boot import ClusterJoinError
+    from .ray_boot import ClusterJoinError, PrivateRay
 
+    private_ray = None
     try:
-        asyncio.run(Daemon(config, paths, tcp).run())
-    except (ConfigError, UnsafePath) as exc:  # found once Ray checks it (a label selector), or Ray's temp dir
-        log.error("%s", exc)
-        return 2
-    except (ClusterJoinError, ClusterError) as exc:
-        log.error("%s", exc)
-        return 1
-    except Exception:
-        log.exception("miradord failed")
-        return 1
+        try:
+            if not config.ray_address:  # before anything imports Ray: it reads its environment once, at import
+                private_ray = PrivateRay.prepare(paths, config.retention.log_max_bytes, config.retention.log_backups)
+            from mirador.actors.energy import forced_profile
+
+            forced_profile()  # a wrong MIRADOR_POWER_PROFILE is a start-up error, said plainly
+        except (UnsafePath, OSError, ValueError) as exc:
+            log.error("%s", exc)
+            return 2
+        from .placement import ClusterError
+
+        try:
+            asyncio.run(Daemon(config, paths, tcp, private_ray).run())
+        except (ConfigError, UnsafePath) as exc:  # found only once Ray checks it, e.g. a label selector's syntax
+            log.error("%s", exc)
+            return 2
+        except (ClusterJoinError, ClusterError) as exc:
+            log.error("%s", exc)
+            return 1
+        except Exception:
+            log.exception("miradord failed")
+            return 1
     finally:
+        if private_ray is not None:
+            private_ray.remove()  # Ray has stopped: its temp dir and token go
         paths.pidfile.unlink(missing_ok=True)  # still ours: we hold the lock until the close below
         lock.close()
     return 0

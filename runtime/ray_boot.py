@@ -9,6 +9,8 @@ A private Ray belongs to the daemon's user alone:
   at shutdown); the user's ``~/.ray`` is never read or written;
 * its temp dir (sessions, logs, unix sockets) is ``/tmp/mirador-$UID/ray-<hash>``, inside a
   0700 directory checked to be the user's; short, because Ray's unix sockets live under it.
+  Ray itself makes its temp dir and session dirs 0777 (for machines shared by several users),
+  again at each worker start: the 0700 parent is what keeps other users out of it.
   The daemon removes it at shutdown, and removes those of dead daemons at start: each is
   claimed by a lock file next to it (``ray-<hash>.lock``), flock-ed by its daemon for life, so
   a lock that can be taken means its daemon is gone, however it ended.
@@ -30,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,7 @@ from mirador.client.paths import Paths
 log = logging.getLogger("mirador.ray")
 
 LOOPBACK = "127.0.0.1"
+LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # read by ray._private.ray_constants at import
 _TEMP_NAME = re.compile(r"ray-[0-9a-f]{10}")
 
 
@@ -116,36 +120,53 @@ def remove_stale_temp_dirs(parent: Path) -> list[Path]:
 
 
 @dataclass
-class PrivateTempDir:
-    """A private Ray's temp dir, claimed by its lock for the daemon's lifetime."""
+class PrivateRay:
+    """A private Ray's files, made ready before it starts: its temp dir, claimed by its lock for
+    the daemon's lifetime, and its token."""
 
-    path: Path
+    temp: Path
     lock: IO[bytes]
+    token: Path
 
     @classmethod
-    def claim(cls, paths: Paths) -> "PrivateTempDir":
+    def prepare(cls, paths: Paths, log_max_bytes: int = 0, log_backups: int = 0) -> "PrivateRay":
+        """Claim the temp dir, write a fresh token, and name both in the environment, which every
+        process of the private Ray inherits. ``log_max_bytes`` / ``log_backups`` bound each of Ray's
+        log files. Call it before anything imports Ray: Ray reads its environment at import."""
+        if "ray" in sys.modules:
+            raise RuntimeError("PrivateRay.prepare() must run before ray is imported (Ray reads its environment once)")
         parent = ray_parent_dir()
         ownership.private_dir(parent, "the directory of Mirador's private Ray")
         for stale in remove_stale_temp_dirs(parent):
             log.info("removed %s, left by a daemon that is gone", stale)
-        path = ray_temp_dir(paths)
-        lock = _lock(path.with_name(path.name + ".lock"), blocking=True)  # ours: our runtime dir's pid lock is held
+        temp = ray_temp_dir(paths)
+        lock = _lock(temp.with_name(temp.name + ".lock"), blocking=True)  # ours alone: we hold the runtime dir's pid lock
         assert lock is not None
-        if os.path.lexists(path):  # left by this daemon's previous run; a stale ray_current_cluster would hang init
-            _remove_tree(path)
-        path.mkdir(mode=0o700)
-        return cls(path, lock)
-
-    def seal(self) -> None:
-        """Ray makes its dirs mode 0777 (meant for shared machines): make ours owner-only again."""
-        for directory, subdirs, _ in os.walk(self.path):
-            os.chmod(directory, 0o700)
-            if directory != str(self.path):
-                subdirs[:] = []  # the session dirs one level down are enough: nothing deeper is reachable
+        try:
+            if os.path.lexists(temp):  # left by this daemon's last run; its ray_current_cluster would hang init
+                _remove_tree(temp)
+            temp.mkdir(mode=0o700)
+            token = write_token(paths)
+        except BaseException:
+            lock.close()
+            raise
+        # A token the user's environment names is for their own clusters, not this one.
+        os.environ.pop("RAY_AUTH_TOKEN", None)
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(temp))
+        # Ray turns _node_ip_address="127.0.0.1" into the address other machines reach, unless it
+        # runs as on macOS and Windows, where a local Ray is loopback-only: make it so here.
+        os.environ[LOOPBACK_ONLY_ENV] = "0"
+        if log_max_bytes:
+            os.environ.update(RAY_ROTATION_MAX_BYTES=str(log_max_bytes), RAY_ROTATION_BACKUP_COUNT=str(log_backups))
+        return cls(temp, lock, token)
 
     def remove(self) -> None:
-        _remove_tree(self.path)
-        self.path.with_name(self.path.name + ".lock").unlink(missing_ok=True)
+        """Remove the temp dir and the token (after Ray has stopped), then let go of the claim."""
+        if self.lock.closed:
+            return
+        _remove_tree(self.temp)
+        self.token.unlink(missing_ok=True)
+        self.temp.with_name(self.temp.name + ".lock").unlink(missing_ok=True)  # while locked: see _lock
         self.lock.close()
 
 
@@ -157,26 +178,6 @@ def write_token(paths: Paths) -> Path:
     with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
         out.write(secrets.token_hex(32))  # as Ray's own tokens: 256 bits
     return path
-
-
-@dataclass
-class RaySession:
-    """The Ray this daemon uses: its GCS address, and what to clean up if it started it."""
-
-    address: str
-    started: bool
-    temp: PrivateTempDir | None = None
-    token: Path | None = None
-
-    def stop(self) -> None:
-        """Stop the Ray we started (or only disconnect from a joined cluster), then remove our files."""
-        import ray
-
-        ray.shutdown()
-        if self.temp is not None:
-            self.temp.remove()
-        if self.token is not None:
-            self.token.unlink(missing_ok=True)
 
 
 def _join_error(address: str, exc: BaseException) -> ClusterJoinError:
@@ -197,10 +198,9 @@ def _join_error(address: str, exc: BaseException) -> ClusterJoinError:
                             "(is it running? `ray status --address ADDRESS` on this machine should answer)")
 
 
-def start_ray(address: str, num_cpus: int, paths: Paths, namespace: str = "mirador",
-              log_max_bytes: int = 0, log_backups: int = 0) -> RaySession:
-    """Start a private Ray, or join the cluster at ``address``. ``log_max_bytes`` / ``log_backups``
-    bound each log file of a private Ray (Ray rotates its own logs)."""
+def start_ray(address: str, num_cpus: int, namespace: str = "mirador", private: PrivateRay | None = None) -> str:
+    """Join the cluster at ``address``, or start the ``private`` Ray (prepared before Ray was
+    imported). Returns the GCS address. ``ray.shutdown()`` stops a private Ray, or disconnects."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # local-first: no usage reports
     import ray
 
@@ -211,28 +211,14 @@ def start_ray(address: str, num_cpus: int, paths: Paths, namespace: str = "mirad
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError) as exc:
             raise _join_error(address, exc) from None
-        return RaySession(ray.get_runtime_context().gcs_address, started=False)
-
-    temp = PrivateTempDir.claim(paths)
-    try:
-        token = write_token(paths)
-        # Read by this process and inherited by every process of the private Ray. A token the
-        # user's environment names is for their own clusters, not this one.
-        os.environ.pop("RAY_AUTH_TOKEN", None)
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(temp.path))
-        if log_max_bytes:
-            os.environ.update(RAY_ROTATION_MAX_BYTES=str(log_max_bytes), RAY_ROTATION_BACKUP_COUNT=str(log_backups))
+    else:
+        assert private is not None, "a private Ray is prepared first: PrivateRay.prepare()"
         ray.init(
             address="local",
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             _node_ip_address=LOOPBACK,
-            _temp_dir=str(temp.path),
+            _temp_dir=str(private.temp),
             **common,
         )
-        temp.seal()
-    except BaseException:
-        ray.shutdown()
-        temp.remove()
-        raise
-    return RaySession(ray.get_runtime_context().gcs_address, started=True, temp=temp, token=token)
+    return ray.get_runtime_context().gcs_address
