@@ -225,6 +225,25 @@ def test_chat_line_history_is_bounded():
     assert history.get_strings() == ["question 7", "question 8", "question 9"]
 
 
+def test_retention_config_defaults_overrides_and_bad_values():
+    from mirador.runtime.config import ConfigError, load_config
+
+    h = make_home()
+    try:
+        retention = load_config(h.paths, env={}).retention
+        assert (retention.log_max_mb, retention.log_backups, retention.metrics_days) == (10, 3, 90)
+        assert retention.log_max_bytes == 10 * 1024 * 1024
+        env = {"MIRADOR_RETENTION__METRICS_MAX_ROWS": "500", "MIRADOR_RETENTION__LOG_MAX_MB": "0"}
+        retention = load_config(h.paths, env=env).retention
+        assert retention.metrics_max_rows == 500 and retention.log_max_bytes == 0  # 0: never rotate
+        with pytest.raises(ConfigError, match="retention: learning_days must be at least 0"):
+            load_config(h.paths, env={"MIRADOR_RETENTION__LEARNING_DAYS": "-1"})
+        with pytest.raises(ConfigError, match="retention"):
+            load_config(h.paths, env={"MIRADOR_RETENTION__PRUNE_EVERY_S": "0"})
+    finally:
+        shutil.rmtree(h.root, ignore_errors=True)
+
+
 # -- owner checks ---------------------------------------------------------------------------
 
 def planted_home(how: str):
@@ -387,3 +406,4 @@ def test_daemon_stop_removes_the_temp_dir_and_the_token(daemon):
     assert not temp.exists() and not temp.with_name(temp.name + ".lock").exists()
     assert not token_path(paths).exists()
     assert ray_parent_dir().is_dir() and mode(ray_parent_dir()) == 0o700
+
