@@ -2,8 +2,10 @@
 
 A private Ray belongs to the daemon's user alone:
 
-* it listens on loopback only (``_node_ip_address="127.0.0.1"``: Ray's GCS, raylet, object
-  manager, workers and agents then bind 127.0.0.1 instead of every interface);
+* it listens on loopback only: ``_node_ip_address="127.0.0.1"``, and Ray told to run as it does
+  on macOS and Windows (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), without which it replaces
+  127.0.0.1 by the address other machines reach. Its GCS, raylet, object manager, workers and
+  agents then bind 127.0.0.1, where before they listened on every interface;
 * it requires a token (``RAY_AUTH_MODE=token``) that the daemon makes fresh at each start, in a
   0600 file in Mirador's 0700 state dir (``RAY_AUTH_TOKEN_PATH``: ``ray-<hash>.token``, removed
   at shutdown); the user's ``~/.ray`` is never read or written;
