@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -143,6 +144,14 @@ def test_private_ray_listens_on_loopback_only(daemon):
     assert len(listening) >= 3  # GCS, raylet, workers...
     outside = [(c.laddr, psutil.Process(c.pid).name()) for c in listening if c.laddr.ip not in LOOPBACK]
     assert not outside, f"listening beyond loopback: {outside}"
+    # From this machine's other addresses (what another machine would reach), every port is shut.
+    addresses = [a.address for nic in psutil.net_if_addrs().values() for a in nic
+                 if a.family == socket.AF_INET and not a.address.startswith("127.")]
+    for address in addresses:
+        for port in {c.laddr.port for c in listening}:
+            with socket.socket() as probe:
+                probe.settimeout(2)
+                assert probe.connect_ex((address, port)) != 0, f"{address}:{port} accepted a connection"
     if shutil.which("ss"):  # the same, as `ss -ltnp` shows it
         lines = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
         ours = [line for line in lines if any(f"pid={pid}," in line for pid in pids)]
