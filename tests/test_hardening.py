@@ -225,6 +225,10 @@ def test_metrics_and_learner_keep_within_their_retention(daemon):
     runs = sqlite3.connect(data / "metrics.sqlite3").execute(
         "SELECT COUNT(*) FROM stage_runs WHERE query_id NOT IN (SELECT query_id FROM queries)").fetchone()[0]
     assert runs == 0  # a dropped question's stage runs go with it
+    # Once ready, the log stopped going to stderr too (a plain file here, as with `mirador daemon start`).
+    stderr = (daemon.home.root / "daemon.stderr").read_text()
+    after = stderr.split("further log lines go to the log file only", 1)[1]
+    assert " INFO mirador." not in after and " ERROR mirador." not in after, after[-500:]
 
 
 def test_chat_line_history_is_bounded():
