@@ -169,6 +169,8 @@ def test_ray_token_is_the_daemons_own_and_owner_only(daemon):
         environ = next(p for p in daemon_tree(daemon.pid) if p.name() == name).environ()
         assert environ["RAY_AUTH_MODE"] == "token" and environ["RAY_AUTH_TOKEN_PATH"] == str(token), name
         assert "RAY_AUTH_TOKEN" not in environ
+        # Ray's own logs rotate by [retention] too.
+        assert (environ["RAY_ROTATION_MAX_BYTES"], environ["RAY_ROTATION_BACKUP_COUNT"]) == (str(LOG_MAX_BYTES), "2")
     assert not (Path(daemon.home.env["HOME"]) / ".ray").exists()  # the user's ~/.ray is left alone
 
 
@@ -357,6 +359,24 @@ def test_planted_key_files_are_refused(how):
         assert result.returncode == 2 and EXPECTED[how] in result.stderr, result.stderr
     finally:
         shutil.rmtree(h.root, ignore_errors=True)
+
+
+def test_private_dirs_are_made_owner_only_and_planted_links_refused(tmp_path):
+    from mirador.client import ownership
+
+    old = tmp_path / "state"
+    old.mkdir(mode=0o755)  # as an earlier Mirador made it: ours, readable by others
+    ownership.private_dir(old, "state dir")
+    assert mode(old) == 0o700
+    fresh = tmp_path / "a" / "data"
+    ownership.private_dir(fresh, "data dir")
+    assert mode(fresh) == 0o700
+    if ROOT:  # a link another user made, pointing at a dir of ours, is refused all the same
+        link = tmp_path / "run"
+        link.symlink_to(old)
+        os.lchown(link, OTHER_UID, OTHER_UID)
+        with pytest.raises(UnsafePath, match=f"symbolic link made by uid {OTHER_UID}"):
+            ownership.private_dir(link, "runtime dir")
 
 
 def test_secret_key_readable_by_group_is_refused(tmp_path):
