@@ -9,10 +9,11 @@ A private Ray belongs to the daemon's user alone:
 * it requires a token (``RAY_AUTH_MODE=token``) that the daemon makes fresh at each start, in a
   0600 file in Mirador's 0700 state dir (``RAY_AUTH_TOKEN_PATH``: ``ray-<hash>.token``, removed
   at shutdown); the user's ``~/.ray`` is never read or written;
-* its temp dir (sessions, logs, unix sockets) is ``/tmp/mirador-$UID/ray-<hash>``, inside a
-  0700 directory checked to be the user's; short, because Ray's unix sockets live under it.
-  Ray itself makes its temp dir and session dirs 0777 (for machines shared by several users),
-  again at each worker start: the 0700 parent is what keeps other users out of it.
+* its temp dir (sessions, logs, unix sockets) is ``/tmp/mirador-$UID/ray-<hash>``, 0700, inside
+  a 0700 directory checked to be the user's; short, because Ray's unix sockets live under it.
+  Ray itself makes the dir it is given and its session dirs 0777 (for machines shared by
+  several users), again at each worker start: so it is given ``ray-<hash>/r``, and the two
+  0700 dirs above keep other users out.
   The daemon removes it at shutdown, and removes those of dead daemons at start: each is
   claimed by a lock file next to it (``ray-<hash>.lock``), flock-ed by its daemon for life, so
   a lock that can be taken means its daemon is gone, however it ended.
@@ -48,6 +49,7 @@ log = logging.getLogger("mirador.ray")
 LOOPBACK = "127.0.0.1"
 LOOPBACK_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # read by ray._private.ray_constants at import
 _TEMP_NAME = re.compile(r"ray-[0-9a-f]{10}")
+RAY_SUBDIR = "r"  # the dir Ray itself is given, inside the temp dir (short: unix socket paths)
 
 
 class ClusterJoinError(Exception):
@@ -130,6 +132,11 @@ class PrivateRay:
     lock: IO[bytes]
     token: Path
 
+    @property
+    def ray_dir(self) -> Path:
+        """What Ray is given as its temp dir (and makes 0777): inside our 0700 one."""
+        return self.temp / RAY_SUBDIR
+
     @classmethod
     def prepare(cls, paths: Paths, log_max_bytes: int = 0, log_backups: int = 0) -> "PrivateRay":
         """Claim the temp dir, write a fresh token, and name both in the environment, which every
@@ -148,13 +155,14 @@ class PrivateRay:
             if os.path.lexists(temp):  # left by this daemon's last run; its ray_current_cluster would hang init
                 _remove_tree(temp)
             temp.mkdir(mode=0o700)
+            (temp / RAY_SUBDIR).mkdir(mode=0o700)
             token = write_token(paths)
         except BaseException:
             lock.close()
             raise
         # A token the user's environment names is for their own clusters, not this one.
         os.environ.pop("RAY_AUTH_TOKEN", None)
-        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(temp))
+        os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(temp / RAY_SUBDIR))
         # Ray turns _node_ip_address="127.0.0.1" into the address other machines reach, unless it
         # runs as on macOS and Windows, where a local Ray is loopback-only: make it so here.
         os.environ[LOOPBACK_ONLY_ENV] = "0"
@@ -220,7 +228,7 @@ def start_ray(address: str, num_cpus: int, namespace: str = "mirador", private: 
             num_cpus=num_cpus or os.cpu_count(),
             include_dashboard=False,
             _node_ip_address=LOOPBACK,
-            _temp_dir=str(private.temp),
+            _temp_dir=str(private.ray_dir),
             **common,
         )
     return ray.get_runtime_context().gcs_address

@@ -56,7 +56,7 @@ import sys, time
 from mirador.client.paths import Paths
 from mirador.runtime.ray_boot import PrivateRay
 private = PrivateRay.prepare(Paths.from_env())
-(private.temp / "session_2026-01-01_00-00-00_000000_1").mkdir()
+(private.ray_dir / "session_2026-01-01_00-00-00_000000_1").mkdir()
 print(private.temp, flush=True)
 time.sleep(3600)
 """
@@ -178,10 +178,12 @@ def test_ray_temp_dir_is_reachable_by_its_user_only(daemon, claims):
     paths = daemon.home.paths
     temp, parent = ray_temp_dir(paths), ray_parent_dir()
     assert temp.parent == parent and len(str(temp)) < 40  # short: Ray's unix sockets live under it
-    assert mode(parent) == 0o700 and os.stat(parent).st_uid == os.geteuid()
+    for directory in (parent, temp):
+        assert mode(directory) == 0o700 and os.stat(directory).st_uid == os.geteuid(), directory
     raylet = next(p for p in daemon_tree(daemon.pid) if p.name() == "raylet")
-    assert any(temp.glob("session_*/sockets")) and raylet.environ()["RAY_TMPDIR"] == str(temp)
-    # Ray makes its own dirs 0777; the parent keeps everyone else out.
+    ray_dir = Path(raylet.environ()["RAY_TMPDIR"])
+    assert ray_dir.parent == temp and any(ray_dir.glob("session_*/sockets"))
+    # Ray makes the dir it is given 0777, again at each worker start: ours around it keep everyone else out.
     if ROOT and shutil.which("setpriv"):
         outsider = subprocess.run(["setpriv", f"--reuid={OTHER_UID}", f"--regid={OTHER_UID}", "--clear-groups",
                                    "ls", str(temp)], capture_output=True, text=True)
@@ -191,7 +193,7 @@ def test_ray_temp_dir_is_reachable_by_its_user_only(daemon, claims):
 def test_stale_temp_dir_of_a_dead_daemon_is_removed_at_start_and_a_live_one_kept(daemon, claims):
     dead_dir, live_dir = claims
     assert not dead_dir.exists() and not dead_dir.with_name(dead_dir.name + ".lock").exists()
-    assert live_dir.is_dir() and any(live_dir.glob("session_*"))
+    assert live_dir.is_dir() and any(live_dir.glob("r/session_*"))
     # Said at start (the rotated log has moved on: its copy on stderr, kept until ready, has it).
     assert f"removed {dead_dir}, left by a daemon that is gone" in (daemon.home.root / "daemon.stderr").read_text()
 
