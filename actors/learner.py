@@ -23,6 +23,8 @@ from typing import Any
 
 import ray
 
+from mirador.runtime.metrics import prune_table
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS observations (
     query_id TEXT PRIMARY KEY, qtype TEXT NOT NULL, plan TEXT NOT NULL, ts REAL NOT NULL
@@ -30,6 +32,8 @@ CREATE TABLE IF NOT EXISTS observations (
 CREATE TABLE IF NOT EXISTS ratings (
     query_id TEXT PRIMARY KEY, qtype TEXT NOT NULL, plan TEXT NOT NULL, rating INTEGER NOT NULL, ts REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS observations_ts ON observations (ts);
+CREATE INDEX IF NOT EXISTS ratings_ts ON ratings (ts);
 """
 # UCB over mean ratings (1-5). The prior is worth one rating of 3 (the router's default plan:
 # 3.5, so it is kept until ratings say otherwise). EXPLORATION is in rating points: about the
@@ -98,6 +102,12 @@ class Learning:
         for qtype, plan, n, mean in rows:
             out.setdefault(qtype, []).append({"plan": plan, "ratings": n, "mean_rating": round(mean, 2)})
         return [{"type": t, "plans": plans} for t, plans in out.items()]
+
+    def prune(self, keep_days: float, max_rows: int) -> dict[str, int]:
+        """Drop ratings and observations older than ``keep_days``, and all but the newest
+        ``max_rows`` of each (0: no such limit); returns how many rows went, per table."""
+        with self._db:
+            return {table: prune_table(self._db, table, keep_days, max_rows) for table in ("observations", "ratings")}
 
     def reset(self) -> int:
         """Forget every rating and observation; returns how many ratings there were."""

@@ -10,7 +10,7 @@ Imports only pyzmq, msgpack and click, never Ray, ChromaDB or llama.cpp.
 """
 
 from .api import AsyncClient, Client
-from .errors import AccessDenied, DaemonNotRunning, MiradorError
+from .errors import AccessDenied, DaemonNotRunning, MiradorError, UnsafePath
 from .paths import Paths
 
-__all__ = ["AccessDenied", "AsyncClient", "Client", "DaemonNotRunning", "MiradorError", "Paths"]
+__all__ = ["AccessDenied", "AsyncClient", "Client", "DaemonNotRunning", "MiradorError", "Paths", "UnsafePath"]

@@ -11,13 +11,14 @@ import itertools
 import os
 import time
 from collections import defaultdict, deque
+from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from . import protocol, remote
+from . import ownership, protocol, remote
 from .errors import AccessDenied, DaemonNotRunning, MiradorError
 from .paths import Paths
 
@@ -127,6 +128,8 @@ class _Requests:
 def _socket(ctx: zmq.Context, endpoint: str, curve: remote.Credentials | None) -> tuple[zmq.Socket, zmq.Socket]:
     """A DEALER connected to the daemon, and a monitor that reports when the daemon goes away
     (and, over TCP, whether the daemon accepted this client)."""
+    if endpoint.startswith("ipc://"):  # never talk to a socket another user planted
+        ownership.check_daemon_socket(Path(endpoint[len("ipc://"):]))
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     events = zmq.EVENT_DISCONNECTED

@@ -5,6 +5,9 @@ the models the question will need load while it is still being written; Enter as
 go from a thread of their own, on a connection of their own (ZeroMQ sockets are not
 thread-safe), so the prompt never waits for the daemon. Standard input that is not a terminal
 is read line by line, one question per line, without hints.
+
+A chat may last for days: what it keeps per turn is bounded (the line history keeps the newest
+``HISTORY_LINES`` questions).
 """
 
 from __future__ import annotations
@@ -18,6 +21,26 @@ from .api import Client, MiradorError
 
 HINT_PAUSE_S = 0.15  # a pause in typing this long sends a hint (people type ~5 characters/s)
 EXIT_WORDS = ("/exit", "/quit")
+HISTORY_LINES = 1000  # questions the Up arrow brings back
+
+
+def bounded_history(limit: int = HISTORY_LINES):
+    """The prompt's line history, in memory, keeping the newest ``limit`` lines. prompt_toolkit's
+    own InMemoryHistory keeps every line twice and forever."""
+    from prompt_toolkit.history import History
+
+    class BoundedHistory(History):
+        def load_history_strings(self) -> list[str]:
+            return list(self._loaded_strings)  # nothing from before this chat; the lines of this one
+
+        def store_string(self, string: str) -> None:
+            pass  # the loaded list below is the only copy
+
+        def append_string(self, string: str) -> None:
+            super().append_string(string)  # newest first in History._loaded_strings
+            del self._loaded_strings[limit:]
+
+    return BoundedHistory()
 
 
 class Hinter:
@@ -74,7 +97,7 @@ def run_chat(client: Client, answer: Callable[[Client, str], None]) -> None:
     from prompt_toolkit import PromptSession
 
     hinter = Hinter(client.endpoint)
-    prompt: PromptSession[str] = PromptSession()
+    prompt: PromptSession[str] = PromptSession(history=bounded_history())
     prompt.default_buffer.on_text_changed += lambda buffer: hinter.typed(buffer.text)
     try:
         while True:

@@ -17,3 +17,7 @@ class AccessDenied(MiradorError):
 
 class KeyFileError(MiradorError):
     """A key file is missing, malformed or readable by others; the message says which and what to do."""
+
+
+class UnsafePath(MiradorError):
+    """A directory or file Mirador relies on belongs to another user or others can change it; the message says what to do."""

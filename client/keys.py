@@ -4,10 +4,13 @@ Everything lives in the config dir (``Paths.config``)::
 
     keys/             0700
       server.key          the daemon's public key: copy it to every client machine
-      server.key_secret   0600, never leaves the daemon's machine
+      server.key_secret   never leaves the daemon's machine
       client.key          a client's public key
-      client.key_secret   0600, the client's secret
+      client.key_secret   the client's secret
     authorized_keys   the client public keys the daemon accepts over TCP
+
+Mirador writes every one of them 0600. Each is checked when read (``mirador.client.ownership``):
+it must belong to the user and no other user may write it, nor read a secret key.
 
 Every file holds z85 keys (40 characters), one per line; blank lines and ``#`` comments are
 ignored, so ``cat`` shows what to copy and a key can be pasted as it is. The client reads its
@@ -17,13 +20,13 @@ keys here and the daemon imports this module too (as it does the protocol): no R
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 from zmq.utils import z85
 
+from . import ownership
 from .errors import KeyFileError
 from .paths import Paths
 
@@ -79,12 +82,10 @@ def key_lines(text: str) -> list[str]:
 
 
 def read_key(path: Path) -> bytes:
-    """The one key in ``path``; a secret key file must not be readable by other users."""
+    """The one key in ``path``, a file of ours that no other user can write (nor read, for a secret key)."""
     try:
         text = path.read_text()
-        if path.name.endswith("_secret") and path.stat().st_mode & 0o077:
-            raise KeyFileError(f"{path} is readable by other users (mode {stat.S_IMODE(path.stat().st_mode):o}); "
-                               f"run `chmod 600 {path}`")
+        ownership.trusted_file(path, "key file", secret=path.name.endswith("_secret"))
     except FileNotFoundError:
         raise KeyFileError(f"{path} does not exist; run `mirador keys init` to create the keys") from None
     lines = key_lines(text)
@@ -96,13 +97,20 @@ def read_key(path: Path) -> bytes:
 def load_pair(paths: Paths, name: str) -> KeyPair:
     """The key pair ``name`` (server or client) from the keys dir."""
     base = keys_dir(paths) / name
+    try:
+        ownership.trusted_dir(base.parent, "the keys directory")
+    except FileNotFoundError:
+        raise KeyFileError(f"{base.parent} does not exist; run `mirador keys init` to create the keys") from None
     return KeyPair(read_key(base.with_name(f"{name}.key")), read_key(base.with_name(f"{name}.key_secret")))
 
 
 def read_authorized(path: Path) -> tuple[set[bytes], list[str]]:
-    """The valid keys of an authorized_keys file, and the lines that are not keys (to report)."""
+    """The valid keys of an authorized_keys file, and the lines that are not keys (to report).
+
+    The file decides who gets in: it must be ours and no other user may write it (UnsafePath)."""
     try:
         lines = key_lines(path.read_text())
+        ownership.trusted_file(path, "authorized_keys file")
     except FileNotFoundError:
         return set(), []
     return {line.encode() for line in lines if is_key(line)}, [line for line in lines if not is_key(line)]
@@ -137,12 +145,11 @@ def init_keys(paths: Paths, force: bool = False) -> tuple[KeyPair, KeyPair]:
             old_client = read_key(directory / f"{CLIENT}.key")
         except KeyFileError:
             pass
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(directory, 0o700)
+    ownership.private_dir(directory, "the keys directory")
     pairs = []
     for name in (SERVER, CLIENT):
         public, secret = zmq.curve_keypair()
-        _write(directory / f"{name}.key", _HEADERS[f"{name}.key"] + public.decode() + "\n", 0o644)
+        _write(directory / f"{name}.key", _HEADERS[f"{name}.key"] + public.decode() + "\n", 0o600)
         _write(directory / f"{name}.key_secret", _HEADERS[f"{name}.key_secret"] + secret.decode() + "\n", 0o600)
         pairs.append(KeyPair(public, secret))
     server, client = pairs
@@ -155,6 +162,7 @@ def authorize(paths: Paths, key: bytes, revoke: bytes | None = None) -> None:
     path = authorized_keys_path(paths)
     try:
         lines = path.read_text().splitlines()
+        ownership.trusted_file(path, "authorized_keys file")  # never launder a file someone else planted
     except FileNotFoundError:
         lines = _HEADERS[AUTHORIZED_KEYS].splitlines()
     lines = [line for line in lines if not revoke or line.strip() != revoke.decode()]

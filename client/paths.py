@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import ownership
+
 APP = "mirador"
 SOCKET_NAME = "miradord.sock"
 PID_NAME = "miradord.pid"
@@ -70,13 +72,18 @@ class Paths:
         return self.state / LOG_NAME
 
     def ensure(self) -> None:
-        """Create the directories; the runtime one is owner-only because it holds the socket."""
-        for path in (self.config, self.data, self.state):
-            path.mkdir(parents=True, exist_ok=True)
-        self.runtime.mkdir(parents=True, exist_ok=True, mode=0o700)
-        os.chmod(self.runtime, 0o700)
+        """Create the directories, owner-only, and refuse any that another user owns or can write.
+
+        The runtime dir holds the socket, the data dir memories, the state dir the log and Ray's
+        token: all three are kept 0700. The config dir may be readable (it holds no secret: the
+        keys are in their own 0700 dir) but no other user may write it."""
         if len(str(self.socket).encode()) > MAX_IPC_PATH:
             raise OSError(
                 f"socket path {self.socket} is longer than {MAX_IPC_PATH} bytes (a unix socket limit); "
                 "set XDG_RUNTIME_DIR or MIRADOR_HOME to a shorter directory"
             )
+        self.config.mkdir(mode=0o700, parents=True, exist_ok=True)
+        ownership.trusted_dir(self.config, "Mirador's config directory")
+        ownership.private_dir(self.data, "Mirador's data directory")
+        ownership.private_dir(self.state, "Mirador's state directory")
+        ownership.private_dir(self.runtime, "Mirador's runtime directory")

@@ -20,7 +20,7 @@ import zmq.asyncio
 from zmq.auth.asyncio import AsyncioAuthenticator
 
 from mirador.client import keys
-from mirador.client.errors import KeyFileError
+from mirador.client.errors import MiradorError, UnsafePath
 from mirador.client.paths import Paths
 from mirador.client.remote import is_tcp_endpoint
 
@@ -46,9 +46,14 @@ class TcpAccess:
             raise ConfigError(f"--listen / daemon.listen must be tcp://HOST:PORT (e.g. tcp://0.0.0.0:7755), not {endpoint!r}")
         try:
             server = keys.load_pair(paths, keys.SERVER)
-        except KeyFileError as exc:
+        except MiradorError as exc:  # missing, malformed, or another user's (UnsafePath)
             raise ConfigError(f"listening on {endpoint} needs the daemon's CurveZMQ key pair: {exc}") from None
-        return cls(endpoint, server, keys.authorized_keys_path(paths))
+        authorized = keys.authorized_keys_path(paths)
+        try:
+            keys.read_authorized(authorized)  # checked now too: it is read again at every handshake
+        except UnsafePath as exc:
+            raise ConfigError(str(exc)) from None
+        return cls(endpoint, server, authorized)
 
 
 class AuthorizedKeys:
@@ -58,7 +63,11 @@ class AuthorizedKeys:
         self.path = path
 
     def callback(self, domain: str, client_key: bytes) -> bool:
-        allowed, bad_lines = keys.read_authorized(self.path)
+        try:
+            allowed, bad_lines = keys.read_authorized(self.path)
+        except UnsafePath as exc:  # fail closed: a file another user can change lets nobody in
+            log.error("refused a TCP client: %s", exc)
+            return False
         for line in bad_lines:
             log.warning("%s: ignoring a line that is not a z85 key: %r", self.path, line[:60])
         if client_key in allowed:

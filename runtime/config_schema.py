@@ -170,6 +170,22 @@ class HttpConfig(Table):
         return int(self.listen.rpartition(":")[2])
 
 
+class RetentionConfig(Table):
+    """What the daemon keeps on disk, so that nothing grows without bound. 0: no limit of that kind."""
+
+    log_max_mb: Float = Field(10.0, ge=0)  # miradord.log (and each log of the private Ray) rotates at this size
+    log_backups: Int = Field(3, ge=0)  # rotated logs kept
+    metrics_days: Float = Field(90.0, ge=0)  # per-question metrics older than this are dropped
+    metrics_max_rows: Int = Field(100_000, ge=0)  # questions kept in the metrics
+    learning_days: Float = Field(365.0, ge=0)  # ratings and rateable questions older than this are dropped
+    learning_max_rows: Int = Field(100_000, ge=0)  # rows kept per learner table
+    prune_every_s: Seconds = 3600.0  # how often the daemon prunes, besides at start
+
+    @property
+    def log_max_bytes(self) -> int:
+        return int(self.log_max_mb * 1024 * 1024)
+
+
 class ClientSection(Table):
     """Read by the ``mirador`` client (client/remote.py reads it without this schema, to stay thin)."""
 
@@ -359,6 +375,7 @@ class Config(Table):
     daemon: DaemonSection = DaemonSection()
     client: ClientSection = ClientSection()
     http: HttpConfig = HttpConfig()
+    retention: RetentionConfig = RetentionConfig()
     ray: RaySection = RaySection()
     # [stages]: `order` lists the stages in use, in display order (default: every table, in file
     # order); a table left out of it is checked but not used (that is how a default stage is dropped).

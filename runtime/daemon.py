@@ -1,9 +1,10 @@
 """``miradord``: the daemon process.
 
-Start-up: config → pid lock → Ray (private or joined) → one StageActor per stage, models loaded →
+Start-up: config (and owner checks of every directory) → pid lock → Ray (private, loopback-only,
+with its own token; or joined) → one StageActor per stage, models loaded →
 ZeroMQ socket bound (clients that find the socket find a ready daemon) → serve until SIGTERM or
 SIGINT. Shutdown: running asks end with a ``shutting_down`` error, actors are killed, the Ray it
-started is stopped, the socket file is removed.
+started is stopped and its temp dir and token removed, the socket file is removed.
 """
 
 from __future__ import annotations
@@ -14,13 +15,15 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from importlib import metadata
+from logging.handlers import RotatingFileHandler
 from typing import IO, Any
 
+from mirador.client.errors import UnsafePath
 from mirador.client.paths import Paths
-
 from mirador.client.protocol import ProtocolError
 
 from .access import TcpAccess
@@ -42,12 +45,13 @@ def version() -> str:
 
 
 class Daemon:
-    def __init__(self, config: Config, paths: Paths, tcp: TcpAccess | None = None):
+    def __init__(self, config: Config, paths: Paths, tcp: TcpAccess | None = None, private_ray: Any = None):
         self.config, self.paths = config, paths
         self.tcp = tcp  # the TCP endpoint for CurveZMQ clients, if any
+        self.private_ray = private_ray  # ray_boot.PrivateRay, prepared by main; None to join config.ray_address
         self.started_at = time.time()
         self.ray_address = ""
-        self.ray_started = False
+        self.ray_started = private_ray is not None
         self.actors: dict[str, Any] = {}  # stage name, or "model:NAME" for a chain-only model -> StageActor
         self.runs: dict[str, tuple[str, ...]] = {}  # actor key -> the models it can run
         self.memory: Any = None  # the MemoryStore actor, when memory is on
@@ -226,6 +230,23 @@ class Daemon:
     def _record(self, ask: Any, metrics: dict[str, Any]) -> None:
         self.metrics.record(ask.query_id, ask.route.kind, ask.mode, metrics)
 
+    async def _prune(self) -> None:
+        """Keep the metrics and the learner's tables within their retention: at start, then every
+        ``retention.prune_every_s``; the deletes run on the metrics thread and in the learner actor."""
+        import ray
+
+        r = self.config.retention
+        while True:
+            try:
+                dropped = {"metrics": await self.metrics.prune(r.metrics_days, r.metrics_max_rows)}
+                if self.learner is not None:
+                    dropped.update(await self.learner.prune.remote(r.learning_days, r.learning_max_rows))
+                if any(dropped.values()):
+                    log.info("retention: dropped %s", ", ".join(f"{n} {what}" for what, n in dropped.items() if n))
+            except ray.exceptions.RayError as exc:
+                log.error("retention: the learner did not prune: %s", exc)
+            await asyncio.sleep(r.prune_every_s)
+
     async def _await_loads(self, loads: dict[str, Any]) -> None:
         """Wait for the stages' models. A stage whose actor does not answer within ``actor_wait_s``
         (no node of the cluster can hold it) is not waited for: questions skip it until a node
@@ -269,7 +290,7 @@ class Daemon:
         log.info("miradord %s starting (pid %d); Ray %s", version(), os.getpid(),
                  f"at {self.config.ray_address}" if self.config.ray_address else "private, local")
         ns = self.config.ray_namespace
-        self.ray_address, self.ray_started = start_ray(self.config.ray_address, self.config.ray_num_cpus, self.paths, ns)
+        self.ray_address = start_ray(self.config.ray_address, self.config.ray_num_cpus, ns, self.private_ray)
         # Ray installs its own SIGTERM handler in ray.init; ours go in after it.
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -320,6 +341,7 @@ class Daemon:
             self.orchestrator.power = await self.energy.read.remote()
             log.info("power profile: %s (battery %s)", self.orchestrator.power["profile"], self.orchestrator.power["battery"])
             watching = asyncio.ensure_future(self._watch_power())
+            pruning = asyncio.ensure_future(self._prune())
             await self._await_loads(loads)
             server = Server(self.paths.endpoint, self, self.tcp)
             server.bind()
@@ -330,11 +352,13 @@ class Daemon:
                 await self.http.start()
             self.ready = True
             log.info("ready in %.1f s at %s", time.time() - self.started_at, self.paths.endpoint)
+            stop_copying_log_to_a_file()
             serving = asyncio.ensure_future(server.serve())
             await stop.wait()
             log.info("shutting down")
             serving.cancel()
             watching.cancel()
+            pruning.cancel()
         finally:
             if self.http is not None:
                 await self.http.close()
@@ -342,19 +366,38 @@ class Daemon:
                 await server.close()
             for actor in [*self.actors.values(), *filter(None, [self.memory, self.learner, self.energy, self.preloader])]:
                 ray.kill(actor)  # for good: no_restart is the default
-            ray.shutdown()  # stops the Ray it started; from a joined cluster it only disconnects
+            ray.shutdown()  # stops the Ray it started (main then removes its files); from a joined cluster it only disconnects
             self.metrics.close()
             log.info("stopped")
 
 
-def setup_logging(paths: Paths, level: str) -> None:
+def setup_logging(paths: Paths, level: str, max_bytes: int, backups: int) -> None:
+    """Log to the state dir's miradord.log, rotated at ``max_bytes`` (0: never) keeping ``backups``
+    old files, and to stderr."""
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    handlers: list[logging.Handler] = [logging.FileHandler(paths.logfile), logging.StreamHandler(sys.stderr)]
+    handlers: list[logging.Handler] = [RotatingFileHandler(paths.logfile, maxBytes=max_bytes, backupCount=backups),
+                                       logging.StreamHandler(sys.stderr)]
     root = logging.getLogger("mirador")
     root.setLevel(level.upper())
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
+
+
+def stop_copying_log_to_a_file() -> None:
+    """Once ready, stop copying the log to stderr if stderr is a plain file (`mirador daemon start`
+    keeps it for start-up errors): the rotated log has every line, and that copy would grow
+    without bound. A terminal or the journal keeps getting them."""
+    try:
+        if not stat.S_ISREG(os.fstat(sys.stderr.fileno()).st_mode):
+            return
+    except (OSError, ValueError):
+        return
+    root = logging.getLogger("mirador")
+    for handler in list(root.handlers):
+        if type(handler) is logging.StreamHandler and handler.stream is sys.stderr:
+            log.info("further log lines go to the log file only")
+            root.removeHandler(handler)
 
 
 def acquire_pid_lock(paths: Paths) -> IO[str] | None:
@@ -392,9 +435,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths.ensure()
         config = load_config(paths)
-        from mirador.actors.energy import forced_profile
-
-        forced_profile()  # a wrong MIRADOR_POWER_PROFILE is a start-up error, said plainly
         listen = args.listen or config.listen
         tcp = TcpAccess.load(listen, paths) if listen else None  # missing keys: said now, not after Ray starts
         if args.http is not None:
@@ -402,32 +442,46 @@ def main(argv: list[str] | None = None) -> int:
         from .http_server import check_listen
 
         check_listen(config.http, paths)  # beyond loopback without an API key: refused now
-    except (ConfigError, OSError, ValueError) as exc:
+    except (ConfigError, UnsafePath, OSError, ValueError) as exc:
         print(f"miradord: {exc}", file=sys.stderr)
         return 2
     if args.ray_address:
         config = config.model_copy(update={"ray": config.ray.model_copy(update={"address": args.ray_address})})
-    setup_logging(paths, args.log_level or config.log_level)
+    setup_logging(paths, args.log_level or config.log_level, config.retention.log_max_bytes, config.retention.log_backups)
 
     lock = acquire_pid_lock(paths)
     if lock is None:
         log.error("another miradord is already running for %s (pid file %s)", paths.runtime, paths.pidfile)
         return 1
-    from .placement import ClusterError
-    from .ray_boot import ClusterJoinError
+    from .ray_boot import ClusterJoinError, PrivateRay
 
+    private_ray = None
     try:
-        asyncio.run(Daemon(config, paths, tcp).run())
-    except ConfigError as exc:  # found only once Ray checks it, e.g. a label selector's syntax
-        log.error("%s", exc)
-        return 2
-    except (ClusterJoinError, ClusterError) as exc:
-        log.error("%s", exc)
-        return 1
-    except Exception:
-        log.exception("miradord failed")
-        return 1
+        try:
+            if not config.ray_address:  # before anything imports Ray: it reads its environment once, at import
+                private_ray = PrivateRay.prepare(paths, config.retention.log_max_bytes, config.retention.log_backups)
+            from mirador.actors.energy import forced_profile
+
+            forced_profile()  # a wrong MIRADOR_POWER_PROFILE is a start-up error, said plainly
+        except (UnsafePath, OSError, ValueError) as exc:
+            log.error("%s", exc)
+            return 2
+        from .placement import ClusterError
+
+        try:
+            asyncio.run(Daemon(config, paths, tcp, private_ray).run())
+        except (ConfigError, UnsafePath) as exc:  # found only once Ray checks it, e.g. a label selector's syntax
+            log.error("%s", exc)
+            return 2
+        except (ClusterJoinError, ClusterError) as exc:
+            log.error("%s", exc)
+            return 1
+        except Exception:
+            log.exception("miradord failed")
+            return 1
     finally:
+        if private_ray is not None:
+            private_ray.remove()  # Ray has stopped: its temp dir and token go
         paths.pidfile.unlink(missing_ok=True)  # still ours: we hold the lock until the close below
         lock.close()
     return 0

@@ -29,7 +29,21 @@ CREATE TABLE IF NOT EXISTS stage_runs (
     tokens_per_s REAL, duration_s REAL, cancelled INTEGER
 );
 CREATE INDEX IF NOT EXISTS stage_runs_query ON stage_runs (query_id);
+CREATE INDEX IF NOT EXISTS queries_ts ON queries (ts);
 """
+
+
+def prune_table(conn: sqlite3.Connection, table: str, keep_days: float, max_rows: int) -> int:
+    """Delete the rows of ``table`` (which has a ``ts`` column, in seconds) older than ``keep_days``
+    and all but the newest ``max_rows``; 0 turns either limit off. Returns how many went.
+    The caller commits."""
+    dropped = 0
+    if keep_days:
+        dropped += conn.execute(f"DELETE FROM {table} WHERE ts < ?", (time.time() - keep_days * 86400,)).rowcount
+    if max_rows:
+        dropped += conn.execute(f"DELETE FROM {table} WHERE rowid IN "
+                                f"(SELECT rowid FROM {table} ORDER BY ts DESC LIMIT -1 OFFSET ?)", (max_rows,)).rowcount
+    return dropped
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -103,6 +117,24 @@ class MetricsStore:
 
         return {"queries": sum(n for _, n in queries), "routes": dict(queries), "errors": errors,
                 "stages": group(0), "models": group(1)}
+
+    async def prune(self, keep_days: float, max_rows: int) -> int:
+        """Drop the questions older than ``keep_days`` and all but the newest ``max_rows`` (0: no
+        such limit), with their stage runs; returns how many questions went. Runs on the store's
+        thread, behind the writes already queued: never on the path of a question."""
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._prune, keep_days, max_rows)
+
+    def _prune(self, keep_days: float, max_rows: int) -> int:
+        assert self._conn is not None
+        try:
+            with self._conn:
+                dropped = prune_table(self._conn, "queries", keep_days, max_rows)
+                if dropped:
+                    self._conn.execute("DELETE FROM stage_runs WHERE query_id NOT IN (SELECT query_id FROM queries)")
+            return dropped
+        except sqlite3.Error as exc:
+            log.error("could not prune the metrics in %s: %s", self.path, exc)
+            return 0
 
     def close(self) -> None:
         """Finish the queued writes, then close (on the thread that owns the connection)."""
