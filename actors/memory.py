@@ -5,12 +5,15 @@ collection, embeddings from ``MiniLMEmbedding`` (one shared instance, so Chroma 
 it per call). Each exchange is one record: the question and the final answer as the document,
 and route, models, session, time and query id as metadata; its id is the query id.
 ``remember`` returns only once Chroma has written it, so an acknowledged exchange survives a
-killed daemon.
+killed daemon. A write that fails raises ``StoreError`` saying why in the user's terms (a full
+disk, a directory it may not write), and the store goes on serving reads and later writes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +24,34 @@ from .node import node_info
 
 COLLECTION = "memories"
 METADATA_KEYS = ("question", "answer", "route", "models", "session", "ts", "query_id")
+
+
+# Below this much free space, a failed write is put down to a full disk whatever the error says
+# (sqlite and Chroma's Rust layer word it in several ways).
+NEARLY_FULL_BYTES = 1 << 20
+
+
+class StoreError(Exception):
+    """A write to the store failed; the message says why and what to do."""
+
+
+def write_failure(exc: BaseException, path: Path) -> str:
+    """Why a write to the store in ``path`` failed, in the user's terms."""
+    detail = f"{type(exc).__name__}: {exc}".strip()
+    text = detail.lower()
+    try:
+        free: int | None = shutil.disk_usage(path).free
+    except OSError:
+        free = None
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "disk is full" in text or "no space left" in text or (free is not None and free < NEARLY_FULL_BYTES):
+        left = f", {free / 1e6:.1f} MB free" if free is not None else ""
+        return (f"the disk holding {path} is full{left}: free some space there; exchanges are not remembered "
+                f"until then ({detail})")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or any(w in text for w in ("readonly", "read-only", "permission denied")):
+        return (f"{path} cannot be written: check that it belongs to this user and that its file system is "
+                f"mounted read-write ({detail})")
+    return f"the memory store in {path} failed to write ({detail})"
 
 
 def _size(path: Path) -> int:
@@ -60,19 +91,52 @@ class Memories:
         return record
 
     # -- remembering ---------------------------------------------------------------------
-    def remember(self, exchange: dict[str, Any]) -> str:
-        """Store one exchange {query_id, question, answer, route, models, session}; returns its id once written."""
+    @classmethod
+    def _entry(cls, exchange: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        """An exchange {query_id, question, answer, route, models, session, ts} as Chroma keeps it."""
         meta = {k: exchange.get(k) or "" for k in METADATA_KEYS}
         meta["ts"] = float(exchange.get("ts") or time.time())
         models = exchange.get("models") or ""
         meta["models"] = models if isinstance(models, str) else ",".join(models)  # Chroma keeps scalars only
-        self._col.upsert(ids=[meta["query_id"]], documents=[self._document(meta["question"], meta["answer"])], metadatas=[meta])
-        return meta["query_id"]
+        return meta["query_id"], cls._document(meta["question"], meta["answer"]), meta
 
-    def import_records(self, records: list[dict[str, Any]]) -> int:
+    def _write(self, write: Any, **batch: Any) -> None:
+        try:
+            write(**batch)
+        except Exception as exc:
+            raise StoreError(write_failure(exc, self.path)) from exc
+
+    def remember(self, exchange: dict[str, Any]) -> str:
+        """Store one exchange; returns its id once written."""
+        id_, document, meta = self._entry(exchange)
+        self._write(self._col.upsert, ids=[id_], documents=[document], metadatas=[meta])
+        return id_
+
+    def import_records(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Add records (as ``list``/export gives them) in one write, all or nothing: a failed
+        write removes what it added. A record whose id the store has already is skipped (kept as
+        it is), so importing a file again adds nothing twice and removing an import's ``ids``
+        removes nothing else. Returns {imported, skipped, ids: the ids added}."""
+        entries: dict[str, tuple[str, dict[str, Any]]] = {}
         for record in records:
-            self.remember({**record, "query_id": record.get("id") or record.get("query_id")})
-        return len(records)
+            id_, document, meta = self._entry({**record, "query_id": record.get("id") or record.get("query_id")})
+            entries.setdefault(id_, (document, meta))  # a repeated id: the first one counts
+        known = set(self._col.get(ids=list(entries), include=[])["ids"]) if entries else set()
+        new = [id_ for id_ in entries if id_ not in known]
+        if new:
+            try:
+                self._write(self._col.add, ids=new, documents=[entries[i][0] for i in new],
+                            metadatas=[entries[i][1] for i in new])
+            except StoreError:
+                self._remove(new)  # a write that failed half-way leaves nothing behind
+                raise
+        return {"imported": len(new), "skipped": len(records) - len(new), "ids": new}
+
+    def _remove(self, ids: list[str]) -> None:
+        try:
+            self._col.delete(ids=ids)
+        except Exception:  # the write it undoes may have added none of them
+            pass
 
     # -- recalling -----------------------------------------------------------------------
     def recall(self, text: str, k: int = 5, min_similarity: float = 0.3) -> list[dict[str, Any]]:
@@ -117,10 +181,14 @@ class Memories:
         return self._record(found["ids"][0], found["metadatas"][0]) if found["ids"] else None
 
     def forget(self, id_: str) -> bool:
-        if not self._col.get(ids=[id_])["ids"]:
-            return False
-        self._col.delete(ids=[id_])
-        return True
+        return self.forget_many([id_]) == 1
+
+    def forget_many(self, ids: list[str]) -> int:
+        """Delete these memories (say, an import that failed half-way); returns how many there were."""
+        found = self._col.get(ids=list(dict.fromkeys(ids)), include=[])["ids"] if ids else []
+        if found:
+            self._write(self._col.delete, ids=found)
+        return len(found)
 
     def forget_all(self) -> int:
         count = self._col.count()

@@ -2,8 +2,9 @@
 
 Start-up: config → pid lock → Ray (private or joined) → one StageActor per stage, models loaded →
 ZeroMQ socket bound (clients that find the socket find a ready daemon) → serve until SIGTERM or
-SIGINT. Shutdown: running asks end with a ``shutting_down`` error, actors are killed, the Ray it
-started is stopped, the socket file is removed.
+SIGINT. Shutdown: no new request is read; the memory and learner writes in flight finish and are
+acknowledged (for at most ``SHUTDOWN_DRAIN_S``); then running asks end with a ``shutting_down``
+error, actors are killed, the Ray it started is stopped, the socket file is removed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ from .access import TcpAccess
 from .config import Config, ConfigError, Placement, load_config
 
 log = logging.getLogger("mirador.daemon")
+
+# At shutdown, how long the memory and learner writes in flight may take to finish before the
+# actors are stopped (a write takes ~0.3 s here; systemd allows 90 s for the whole stop).
+SHUTDOWN_DRAIN_S = 15.0
 
 
 def actor_name(key: str) -> str:
@@ -103,10 +108,21 @@ class Daemon:
 
     async def memory_op(self, request: dict[str, Any]) -> dict[str, Any]:
         """The user's controls over what is remembered (``memory`` requests)."""
-        rid, op, m = request["id"], request["op"], self.memory
-        if m is None:
+        import ray
+
+        rid = request["id"]
+        if self.memory is None:
             why = f"memory is unavailable: {self.memory_error}" if self.memory_error else "memory is off (memory.enabled = false in mirador.toml)"
             raise ProtocolError("memory_disabled", why, rid)
+        try:
+            return await self._memory_op(request, self.memory)
+        except ray.exceptions.RayError as exc:  # a failed write says why (a full disk); a crashed actor comes back
+            from .orchestrator import store_failure
+
+            raise ProtocolError("memory_unavailable", store_failure(exc), rid) from None
+
+    async def _memory_op(self, request: dict[str, Any], m: Any) -> dict[str, Any]:
+        rid, op = request["id"], request["op"]
         if op == "list":
             return {"records": await m.list.remote(request.get("limit", 50))}
         if op == "export":
@@ -118,13 +134,15 @@ class Daemon:
             if record is None:
                 raise ProtocolError("not_found", f"no memory with id {request['target']!r}", rid)
             return {"records": [record]}
-        if op == "forget":
+        if op == "forget" and "target" in request:
             if not await m.forget.remote(request["target"]):
                 raise ProtocolError("not_found", f"no memory with id {request['target']!r}", rid)
             return {"forgotten": 1}
+        if op == "forget":
+            return {"forgotten": await m.forget_many.remote(request["targets"])}
         if op == "forget_all":
             return {"forgotten": await m.forget_all.remote()}
-        return {"imported": await m.import_records.remote(request["records"])}  # op == "import"
+        return await m.import_records.remote(request["records"])  # op == "import"
 
     def _learner(self, rid: str) -> Any:
         if self.learner is None:
@@ -326,9 +344,15 @@ class Daemon:
             log.info("ready in %.1f s at %s", time.time() - self.started_at, self.paths.endpoint)
             serving = asyncio.ensure_future(server.serve())
             await stop.wait()
-            log.info("shutting down")
-            serving.cancel()
+            log.info("shutting down: %d pending writes", self.orchestrator.pending_writes)
+            serving.cancel()  # no new requests; answers already running go on while writes drain
             watching.cancel()
+            lost = await self.orchestrator.drain(SHUTDOWN_DRAIN_S)
+            if lost:
+                log.error("%d memory or learner writes did not finish within %g s of shutdown and may be lost",
+                          lost, SHUTDOWN_DRAIN_S)
+            else:
+                log.info("pending writes finished")
         finally:
             if server is not None:
                 await server.close()
