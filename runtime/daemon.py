@@ -114,11 +114,16 @@ class Daemon:
         if self.memory is None:
             why = f"memory is unavailable: {self.memory_error}" if self.memory_error else "memory is off (memory.enabled = false in mirador.toml)"
             raise ProtocolError("memory_disabled", why, rid)
-        try:
-            return await self._memory_op(request, self.memory)
-        except ray.exceptions.RayError as exc:  # a failed write says why (a full disk); a crashed actor comes back
-            from .orchestrator import store_failure
+        from .orchestrator import store_failure
+        from .placement import call_while_restarting
 
+        try:
+            # Not an import: had the store written the batch before it died, a second try would
+            # skip those memories as already there, and `memory import` could not undo them.
+            if request["op"] == "import":
+                return await self._memory_op(request, self.memory)
+            return await call_while_restarting(lambda: self._memory_op(request, self.memory), self.config.actor_wait_s)
+        except ray.exceptions.RayError as exc:  # a failed write says why (a full disk)
             raise ProtocolError("memory_unavailable", store_failure(exc), rid) from None
 
     async def _memory_op(self, request: dict[str, Any], m: Any) -> dict[str, Any]:

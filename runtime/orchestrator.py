@@ -28,6 +28,7 @@ import ray
 from mirador.client.protocol import ProtocolError
 
 from .config import Config, Placement
+from .placement import call_while_restarting
 from .router import Route, classify, question_type
 from .server import Emit, PeerGone
 
@@ -219,7 +220,7 @@ class Orchestrator:
         # The answer is complete for the user at `done`; storing it (a durable write, ~0.3 s
         # here) starts just before, and `remembered` acknowledges it once it is on disk.
         exchange = self._exchange(ask, results) if ask.use_memory and self.memory is not None and not ask.cancelled else None
-        write = self._track(self.memory.remember.remote(exchange), f"storing {ask.query_id}") if exchange else None
+        write = self._track(self._remember(exchange), f"storing {ask.query_id}") if exchange else None
         await emit("done", final=write is None, query_id=ask.query_id, cancelled=ask.cancelled, metrics=metrics)
         if self.on_done:
             self.on_done(ask, metrics)
@@ -229,6 +230,10 @@ class Orchestrator:
             # Its own task, so that a shutdown that stops this ask still lets the user hear
             # whether the exchange was stored.
             await asyncio.shield(self._track(self._acknowledge(ask, write, emit), f"acknowledging {ask.query_id}"))
+
+    async def _remember(self, exchange: dict[str, Any]) -> str:
+        # An upsert by query id: sending it again to a store that Ray restarts stores it once.
+        return await call_while_restarting(lambda: self.memory.remember.remote(exchange), self.config.actor_wait_s)
 
     async def _acknowledge(self, ask: Ask, write: asyncio.Future[Any], emit: Emit) -> None:
         """Tell the client that its exchange is on disk (``remembered``) or why it is not."""
