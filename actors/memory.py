@@ -7,6 +7,12 @@ and route, models, session, time and query id as metadata; its id is the query i
 ``remember`` returns only once Chroma has written it, so an acknowledged exchange survives a
 killed daemon. A write that fails raises ``StoreError`` saying why in the user's terms (a full
 disk, a directory it may not write), and the store goes on serving reads and later writes.
+
+A full disk: ChromaDB 1.5 survives a failed write only in part: reads still work, but after a
+few failed writes the next writes hang for good, even once there is room again (measured on a
+full tmpfs; a fresh client on the same files works). So writes are refused without touching
+Chroma while less than ``MIN_FREE_BYTES`` is free, and after any failed write the client is
+opened afresh before the next one.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,9 +33,10 @@ COLLECTION = "memories"
 METADATA_KEYS = ("question", "answer", "route", "models", "session", "ts", "query_id")
 
 
-# Below this much free space, a failed write is put down to a full disk whatever the error says
-# (sqlite and Chroma's Rust layer word it in several ways).
-NEARLY_FULL_BYTES = 1 << 20
+# Below this much free space, writes are refused before Chroma sees them (an import batch of 100
+# long memories writes ~1 MB), and a failed write is put down to a full disk whatever the error
+# says (sqlite and Chroma's Rust layer word it in several ways).
+MIN_FREE_BYTES = 16 << 20
 
 
 class StoreError(Exception):
@@ -44,7 +52,7 @@ def write_failure(exc: BaseException, path: Path) -> str:
     except OSError:
         free = None
     code = getattr(exc, "errno", None)
-    if code == errno.ENOSPC or "disk is full" in text or "no space left" in text or (free is not None and free < NEARLY_FULL_BYTES):
+    if code == errno.ENOSPC or "disk is full" in text or "no space left" in text or (free is not None and free < MIN_FREE_BYTES):
         left = f", {free / 1e6:.1f} MB free" if free is not None else ""
         return (f"the disk holding {path} is full{left}: free some space there; exchanges are not remembered "
                 f"until then ({detail})")
@@ -64,14 +72,21 @@ class Memories:
     def __init__(self, path: str):
         from .embedding import MiniLMEmbedding  # first: it turns onnxruntime's telemetry off before anything imports it
 
-        import chromadb
-        from chromadb.config import Settings
-
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.path, 0o700)
-        self._client = chromadb.PersistentClient(str(self.path), settings=Settings(anonymized_telemetry=False))
         self._embed = MiniLMEmbedding()
+        self._writing = threading.Lock()  # one write at a time: a reopen must not pull the client from under one
+        self._reopen = False  # a write failed: open the client afresh before the next one
+        self._open()
+
+    def _open(self) -> None:
+        import chromadb
+        from chromadb.api.client import SharedSystemClient
+        from chromadb.config import Settings
+
+        SharedSystemClient.clear_system_cache()  # else Chroma hands back the same (stuck) client
+        self._client = chromadb.PersistentClient(str(self.path), settings=Settings(anonymized_telemetry=False))
         self._col = self._collection()
 
     def _collection(self) -> Any:
@@ -100,16 +115,25 @@ class Memories:
         meta["models"] = models if isinstance(models, str) else ",".join(models)  # Chroma keeps scalars only
         return meta["query_id"], cls._document(meta["question"], meta["answer"]), meta
 
-    def _write(self, write: Any, **batch: Any) -> None:
-        try:
-            write(**batch)
-        except Exception as exc:
-            raise StoreError(write_failure(exc, self.path)) from exc
+    def _write(self, method: str, **batch: Any) -> None:
+        """``self._col.<method>(**batch)``, refused while the disk is (nearly) full."""
+        with self._writing:
+            try:
+                if shutil.disk_usage(self.path).free < MIN_FREE_BYTES:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                if self._reopen:
+                    self._open()
+                    self._reopen = False
+                getattr(self._col, method)(**batch)
+            except Exception as exc:
+                if not isinstance(exc, OSError) or exc.errno != errno.ENOSPC:
+                    self._reopen = True  # Chroma failed a write: do not trust this client with another
+                raise StoreError(write_failure(exc, self.path)) from exc
 
     def remember(self, exchange: dict[str, Any]) -> str:
         """Store one exchange; returns its id once written."""
         id_, document, meta = self._entry(exchange)
-        self._write(self._col.upsert, ids=[id_], documents=[document], metadatas=[meta])
+        self._write("upsert", ids=[id_], documents=[document], metadatas=[meta])
         return id_
 
     def import_records(self, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -123,20 +147,9 @@ class Memories:
             entries.setdefault(id_, (document, meta))  # a repeated id: the first one counts
         known = set(self._col.get(ids=list(entries), include=[])["ids"]) if entries else set()
         new = [id_ for id_ in entries if id_ not in known]
-        if new:
-            try:
-                self._write(self._col.add, ids=new, documents=[entries[i][0] for i in new],
-                            metadatas=[entries[i][1] for i in new])
-            except StoreError:
-                self._remove(new)  # a write that failed half-way leaves nothing behind
-                raise
+        if new:  # one transaction: a failed write adds none of them
+            self._write("add", ids=new, documents=[entries[i][0] for i in new], metadatas=[entries[i][1] for i in new])
         return {"imported": len(new), "skipped": len(records) - len(new), "ids": new}
-
-    def _remove(self, ids: list[str]) -> None:
-        try:
-            self._col.delete(ids=ids)
-        except Exception:  # the write it undoes may have added none of them
-            pass
 
     # -- recalling -----------------------------------------------------------------------
     def recall(self, text: str, k: int = 5, min_similarity: float = 0.3) -> list[dict[str, Any]]:
@@ -187,13 +200,14 @@ class Memories:
         """Delete these memories (say, an import that failed half-way); returns how many there were."""
         found = self._col.get(ids=list(dict.fromkeys(ids)), include=[])["ids"] if ids else []
         if found:
-            self._write(self._col.delete, ids=found)
+            self._write("delete", ids=found)
         return len(found)
 
     def forget_all(self) -> int:
-        count = self._col.count()
-        self._client.delete_collection(COLLECTION)
-        self._col = self._collection()
+        with self._writing:
+            count = self._col.count()
+            self._client.delete_collection(COLLECTION)
+            self._col = self._collection()
         return count
 
     def stats(self) -> dict[str, Any]:
