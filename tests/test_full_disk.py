@@ -85,6 +85,8 @@ def test_a_full_disk_gives_a_clear_error_and_the_daemon_keeps_answering(full_dis
         cli = home.mirador("ask", "--stages", "quick", "--max-tokens", "8", "My fish is called Bubbles.")
         assert cli.returncode == 1 and cli.stdout.strip()
         assert "this exchange was not stored: the disk holding" in cli.stderr and "is full" in cli.stderr
+        chat = home.mirador("chat", "--max-tokens", "8", input="My hamster is called Nibbles.\nSay yes.\n")
+        assert chat.returncode == 0 and chat.stderr.count("this exchange was not stored: the disk holding") == 2
         as_json = home.mirador("ask", "--json", "--stages", "quick", "--max-tokens", "4", "Say yes.")
         events = [json.loads(line) for line in as_json.stdout.splitlines()]
         assert as_json.returncode == 1 and events[-1]["event"] == "error" and events[-1]["code"] == "memory_unavailable"
