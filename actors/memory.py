@@ -137,8 +137,8 @@ class Memories:
         return id_
 
     def import_records(self, records: list[dict[str, Any]]) -> dict[str, Any]:
-        """Add records (as ``list``/export gives them) in one write, all or nothing: a failed
-        write removes what it added. A record whose id the store has already is skipped (kept as
+        """Add records (as ``list``/export gives them) in one write, all or nothing (one Chroma
+        transaction: a write that fails adds none of them, measured on a full disk). A record whose id the store has already is skipped (kept as
         it is), so importing a file again adds nothing twice and removing an import's ``ids``
         removes nothing else. Returns {imported, skipped, ids: the ids added}."""
         entries: dict[str, tuple[str, dict[str, Any]]] = {}

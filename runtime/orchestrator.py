@@ -28,13 +28,12 @@ import ray
 from mirador.client.protocol import ProtocolError
 
 from .config import Config, Placement
+from .placement import RETRY_PAUSE_S as ACTOR_RETRY_PAUSE_S
 from .placement import call_while_restarting
 from .router import Route, classify, question_type
 from .server import Emit, PeerGone
 
 log = logging.getLogger("mirador.orchestrator")
-
-ACTOR_RETRY_PAUSE_S = 0.25  # between calls to a stage actor that Ray is restarting
 
 
 def store_failure(exc: BaseException) -> str:
