@@ -393,8 +393,9 @@ class AsyncClient(_Requests):
     async def _send(self, type_: str, **fields: Any) -> str:
         rid = self._new_id()
         self._open[rid] = _AsyncInbox()
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.ensure_future(self._read())
+        loop = asyncio.get_running_loop()
+        if self._reader is None or self._reader.done() or self._reader.get_loop() is not loop:  # a new asyncio.run
+            self._reader = loop.create_task(self._read())
         try:
             await self._sock.send(protocol.request(type_, rid, **fields))
         except BaseException:

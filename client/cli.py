@@ -10,8 +10,7 @@ from typing import Any, Iterator
 
 import click
 
-from . import daemon_control, remote
-from . import protocol
+from . import daemon_control, protocol, remote
 from .api import Client
 from .errors import DaemonNotRunning, MiradorError, NoReply, ResponseError
 from .cli_keys import keys
