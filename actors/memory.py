@@ -5,12 +5,22 @@ collection, embeddings from ``MiniLMEmbedding`` (one shared instance, so Chroma 
 it per call). Each exchange is one record: the question and the final answer as the document,
 and route, models, session, time and query id as metadata; its id is the query id.
 ``remember`` returns only once Chroma has written it, so an acknowledged exchange survives a
-killed daemon.
+killed daemon. A write that fails raises ``StoreError`` saying why in the user's terms (a full
+disk, a directory it may not write), and the store goes on serving reads and later writes.
+
+A full disk: ChromaDB 1.5 survives a failed write only in part: reads still work, but after a
+few failed writes the next writes hang for good, even once there is room again (measured on a
+full tmpfs; a fresh client on the same files works). So writes are refused without touching
+Chroma while less than ``MIN_FREE_BYTES`` is free, and after any failed write the client is
+opened afresh before the next one.
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +33,35 @@ COLLECTION = "memories"
 METADATA_KEYS = ("question", "answer", "route", "models", "session", "ts", "query_id")
 
 
+# Below this much free space, writes are refused before Chroma sees them (an import batch of 100
+# long memories writes ~1 MB), and a failed write is put down to a full disk whatever the error
+# says (sqlite and Chroma's Rust layer word it in several ways).
+MIN_FREE_BYTES = 16 << 20
+
+
+class StoreError(Exception):
+    """A write to the store failed; the message says why and what to do."""
+
+
+def write_failure(exc: BaseException, path: Path) -> str:
+    """Why a write to the store in ``path`` failed, in the user's terms."""
+    detail = f"{type(exc).__name__}: {exc}".strip()
+    text = detail.lower()
+    try:
+        free: int | None = shutil.disk_usage(path).free
+    except OSError:
+        free = None
+    code = getattr(exc, "errno", None)
+    if code == errno.ENOSPC or "disk is full" in text or "no space left" in text or (free is not None and free < MIN_FREE_BYTES):
+        left = f", {free / 1e6:.1f} MB free" if free is not None else ""
+        return (f"the disk holding {path} is full{left}: free some space there; exchanges are not remembered "
+                f"until then ({detail})")
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM) or any(w in text for w in ("readonly", "read-only", "permission denied")):
+        return (f"{path} cannot be written: check that it belongs to this user and that its file system is "
+                f"mounted read-write ({detail})")
+    return f"the memory store in {path} failed to write ({detail})"
+
+
 def _size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -33,14 +72,21 @@ class Memories:
     def __init__(self, path: str):
         from .embedding import MiniLMEmbedding  # first: it turns onnxruntime's telemetry off before anything imports it
 
-        import chromadb
-        from chromadb.config import Settings
-
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.path, 0o700)
-        self._client = chromadb.PersistentClient(str(self.path), settings=Settings(anonymized_telemetry=False))
         self._embed = MiniLMEmbedding()
+        self._writing = threading.Lock()  # one write at a time: a reopen must not pull the client from under one
+        self._reopen = False  # a write failed: open the client afresh before the next one
+        self._open()
+
+    def _open(self) -> None:
+        import chromadb
+        from chromadb.api.client import SharedSystemClient
+        from chromadb.config import Settings
+
+        SharedSystemClient.clear_system_cache()  # else Chroma hands back the same (stuck) client
+        self._client = chromadb.PersistentClient(str(self.path), settings=Settings(anonymized_telemetry=False))
         self._col = self._collection()
 
     def _collection(self) -> Any:
@@ -60,19 +106,50 @@ class Memories:
         return record
 
     # -- remembering ---------------------------------------------------------------------
-    def remember(self, exchange: dict[str, Any]) -> str:
-        """Store one exchange {query_id, question, answer, route, models, session}; returns its id once written."""
+    @classmethod
+    def _entry(cls, exchange: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+        """An exchange {query_id, question, answer, route, models, session, ts} as Chroma keeps it."""
         meta = {k: exchange.get(k) or "" for k in METADATA_KEYS}
         meta["ts"] = float(exchange.get("ts") or time.time())
         models = exchange.get("models") or ""
         meta["models"] = models if isinstance(models, str) else ",".join(models)  # Chroma keeps scalars only
-        self._col.upsert(ids=[meta["query_id"]], documents=[self._document(meta["question"], meta["answer"])], metadatas=[meta])
-        return meta["query_id"]
+        return meta["query_id"], cls._document(meta["question"], meta["answer"]), meta
 
-    def import_records(self, records: list[dict[str, Any]]) -> int:
+    def _write(self, method: str, **batch: Any) -> None:
+        """``self._col.<method>(**batch)``, refused while the disk is (nearly) full."""
+        with self._writing:
+            try:
+                if shutil.disk_usage(self.path).free < MIN_FREE_BYTES:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                if self._reopen:
+                    self._open()
+                    self._reopen = False
+                getattr(self._col, method)(**batch)
+            except Exception as exc:
+                if not isinstance(exc, OSError) or exc.errno != errno.ENOSPC:
+                    self._reopen = True  # Chroma failed a write: do not trust this client with another
+                raise StoreError(write_failure(exc, self.path)) from exc
+
+    def remember(self, exchange: dict[str, Any]) -> str:
+        """Store one exchange; returns its id once written."""
+        id_, document, meta = self._entry(exchange)
+        self._write("upsert", ids=[id_], documents=[document], metadatas=[meta])
+        return id_
+
+    def import_records(self, records: list[dict[str, Any]]) -> dict[str, Any]:
+        """Add records (as ``list``/export gives them) in one write, all or nothing (one Chroma
+        transaction: a write that fails adds none of them, measured on a full disk). A record whose id the store has already is skipped (kept as
+        it is), so importing a file again adds nothing twice and removing an import's ``ids``
+        removes nothing else. Returns {imported, skipped, ids: the ids added}."""
+        entries: dict[str, tuple[str, dict[str, Any]]] = {}
         for record in records:
-            self.remember({**record, "query_id": record.get("id") or record.get("query_id")})
-        return len(records)
+            id_, document, meta = self._entry({**record, "query_id": record.get("id") or record.get("query_id")})
+            entries.setdefault(id_, (document, meta))  # a repeated id: the first one counts
+        known = set(self._col.get(ids=list(entries), include=[])["ids"]) if entries else set()
+        new = [id_ for id_ in entries if id_ not in known]
+        if new:  # one transaction: a failed write adds none of them
+            self._write("add", ids=new, documents=[entries[i][0] for i in new], metadatas=[entries[i][1] for i in new])
+        return {"imported": len(new), "skipped": len(records) - len(new), "ids": new}
 
     # -- recalling -----------------------------------------------------------------------
     def recall(self, text: str, k: int = 5, min_similarity: float = 0.3) -> list[dict[str, Any]]:
@@ -121,15 +198,20 @@ class Memories:
         return self._record(found["ids"][0], found["metadatas"][0]) if found["ids"] else None
 
     def forget(self, id_: str) -> bool:
-        if not self._col.get(ids=[id_])["ids"]:
-            return False
-        self._col.delete(ids=[id_])
-        return True
+        return self.forget_many([id_]) == 1
+
+    def forget_many(self, ids: list[str]) -> int:
+        """Delete these memories (say, an import that failed half-way); returns how many there were."""
+        found = self._col.get(ids=list(dict.fromkeys(ids)), include=[])["ids"] if ids else []
+        if found:
+            self._write("delete", ids=found)
+        return len(found)
 
     def forget_all(self) -> int:
-        count = self._col.count()
-        self._client.delete_collection(COLLECTION)
-        self._col = self._collection()
+        with self._writing:
+            count = self._col.count()
+            self._client.delete_collection(COLLECTION)
+            self._col = self._collection()
         return count
 
     def stats(self) -> dict[str, Any]:

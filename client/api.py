@@ -3,14 +3,23 @@
 Both speak the protocol in ``mirador.client.protocol`` over one DEALER socket. ``ask`` yields
 reply events as dicts (the same objects ``mirador ask --json`` prints), each with ``t``: seconds
 since the request was sent, measured here, as the user sees it.
+
+Errors: an ``error`` reply that ends a request raises a ``ResponseError`` subclass (see
+``mirador.client.errors``); the one exception is ``ask``, whose stage errors that the answer
+survives, and a failure to store the finished exchange, are events like the others.
+
+One connection carries many requests at once. Replies are routed to their request by ``id``;
+replies to a request nobody will read any more (a loop left early, a call that timed out) are
+dropped as they come, never kept.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import time
-from collections import defaultdict, deque
+from collections import deque
 from pathlib import Path
 from typing import Any, AsyncIterator, Iterator
 
@@ -19,10 +28,13 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from . import ownership, protocol, remote
-from .errors import AccessDenied, DaemonNotRunning, MiradorError
+from .errors import AccessDenied, DaemonNotRunning, MiradorError, NoReply, ResponseError, response_error
 from .paths import Paths
 
 DEFAULT_IDLE_TIMEOUT = 300.0  # an ask may wait this long for the next event before giving up
+# After ``done``, how long ``ask`` waits for ``remembered`` (the exchange is on disk, ~0.3 s
+# here) or the error saying it could not be stored, before raising NoReply.
+DEFAULT_REMEMBER_TIMEOUT = 30.0
 
 
 # A CURVE client that the daemon refuses hears nothing on its socket: the refusal shows only as
@@ -32,8 +44,28 @@ _TCP_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_
     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 
 
+class _Inbox:
+    """The replies that arrived for one open request and were not read yet."""
+
+    def __init__(self) -> None:
+        self.sent_at = time.perf_counter()
+        self.replies: deque[dict[str, Any]] = deque()
+
+    def put(self, item: dict[str, Any] | BaseException) -> None:
+        self.replies.append(item)  # type: ignore[arg-type]
+
+
+class _AsyncInbox(_Inbox):
+    def __init__(self) -> None:
+        super().__init__()
+        self.queue: asyncio.Queue[dict[str, Any] | BaseException] = asyncio.Queue()
+
+    def put(self, item: dict[str, Any] | BaseException) -> None:
+        self.queue.put_nowait(item)
+
+
 class _Requests:
-    """What both clients share: request ids, and replies that arrived for another request."""
+    """What both clients share: request ids, routing replies to the open requests."""
 
     _ids = itertools.count(1)
 
@@ -43,31 +75,34 @@ class _Requests:
         # A TCP endpoint is always CurveZMQ: the daemon accepts nothing else there.
         self.curve = curve or (remote.credentials(paths) if self.endpoint.startswith("tcp://") else None)
         self._connected = False  # over TCP: whether the connection was accepted at all
-        self._stash: dict[str, deque[dict[str, Any]]] = defaultdict(deque)
-        self._ignored: set[str] = set()  # fire-and-forget requests whose replies nobody reads
+        # Requests whose replies someone will read. A reply for any other id (a request given
+        # up, a cancel's ack) is dropped: nothing else is kept, so nothing grows.
+        self._open: dict[str, _Inbox] = {}
         self._prefix = f"{os.getpid():x}-{id(self):x}-"
 
     def _new_id(self) -> str:
         return f"{self._prefix}{next(self._ids)}"
 
-    def _route(self, payload: bytes, rid: str, sent_at: float) -> dict[str, Any] | None:
-        """Decode one reply; return it if it belongs to ``rid``, else keep it for its owner."""
-        event = protocol.decode_event(payload)
-        event["t"] = round(time.perf_counter() - sent_at, 6)
-        owner = event.get("id")
-        if owner == rid:
-            return event
-        if owner in self._ignored:
-            if event.get("final"):
-                self._ignored.discard(owner)
-        else:
-            self._stash[owner].append(event)
-        return None
+    def _deliver(self, payload: bytes) -> None:
+        """Hand one reply to its request's inbox, or drop it if nobody reads that request."""
+        try:
+            event = protocol.decode_event(payload)
+        except Exception as exc:  # a daemon of another protocol, or garbage on the socket
+            raise ResponseError("bad_reply", f"the daemon at {self.endpoint} sent a frame that is not a Mirador "
+                                f"reply ({exc}); is it a miradord of this version?") from None
+        inbox = self._open.get(event.get("id"))  # type: ignore[arg-type]
+        if inbox is not None:
+            event["t"] = round(time.perf_counter() - inbox.sent_at, 6)
+            inbox.put(event)
 
     def _cancel_frame(self, target: str) -> bytes:
-        rid = self._new_id()
-        self._ignored.add(rid)
-        return protocol.request("cancel", rid, target=target)
+        return protocol.request("cancel", self._new_id(), target=target)  # its ack is not waited for: dropped
+
+    def _no_reply(self, answered: bool, timeout: float) -> NoReply:
+        if answered:
+            return NoReply(f"the daemon did not confirm within {timeout:g} s that it stored this exchange; "
+                           "`mirador memory list` shows whether it did")
+        return NoReply(f"the daemon sent nothing for {timeout:.0f} s; see `mirador status`")
 
     def _check_monitor(self, message: list[bytes]) -> None:
         event = parse_monitor_message(message)["event"]
@@ -141,12 +176,21 @@ def _socket(ctx: zmq.Context, endpoint: str, curve: remote.Credentials | None) -
     return sock, monitor
 
 
+def _check_ask_event(event: dict[str, Any], answered: bool) -> None:
+    """An ``error`` that ends an ask before its answer (a bad request, an unknown stage, the
+    daemon shutting down) raises; a stage's error and a failed store after ``done`` are events."""
+    if event.get("event") == "error" and event.get("final") and not answered:
+        raise response_error(event)
+
+
 class Client(_Requests):
     """Blocking client. ``with Client() as c: for event in c.ask("..."): ...``
 
     ``endpoint`` defaults to MIRADOR_CONNECT, then ``[client] connect`` in the user's
     mirador.toml, then the local daemon's socket. A ``tcp://`` endpoint uses CurveZMQ with
     ``curve``, by default the keys in the config dir (see ``mirador.client.remote``).
+    One thread at a time (ZeroMQ sockets are not thread-safe); several ``ask`` iterators may be
+    read in turn: replies that arrive for one while another is read wait for it.
     """
 
     def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -165,44 +209,51 @@ class Client(_Requests):
         self.close()
 
     def close(self) -> None:
+        self._open.clear()
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
-    def _send(self, type_: str, **fields: Any) -> tuple[str, float]:
+    def _send(self, type_: str, **fields: Any) -> str:
         rid = self._new_id()
-        self._sock.send(protocol.request(type_, rid, **fields))
-        return rid, time.perf_counter()
+        self._open[rid] = _Inbox()
+        try:
+            self._sock.send(protocol.request(type_, rid, **fields))
+        except BaseException:
+            self._open.pop(rid, None)
+            raise
+        return rid
 
-    def _replies(self, rid: str, sent_at: float, timeout: float) -> Iterator[dict[str, Any]]:
-        """Yield the replies to ``rid`` up to and including its final one."""
-        while True:
-            stash = self._stash.get(rid)
-            if stash:
-                event = stash.popleft()
-            else:
-                ready = dict(self._poller.poll(timeout * 1000))
-                if self._monitor in ready:
-                    self._check_monitor(self._monitor.recv_multipart())
-                if self._sock not in ready:
-                    if not ready:
-                        raise TimeoutError(timeout)
-                    continue
-                event = self._route(self._sock.recv(), rid, sent_at)
-                if event is None:
-                    continue
-            yield event
-            if event.get("final"):
-                self._stash.pop(rid, None)
-                return
+    def _next(self, rid: str, timeout: float) -> dict[str, Any]:
+        """The next reply to ``rid``; replies to other open requests that come meanwhile wait in
+        their inboxes. Raises TimeoutError after ``timeout`` seconds without one."""
+        inbox = self._open[rid]
+        deadline = time.monotonic() + timeout
+        while not inbox.replies:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(timeout)
+            ready = dict(self._poller.poll(left * 1000))
+            if self._monitor in ready:
+                self._check_monitor(self._monitor.recv_multipart())
+            if self._sock in ready:
+                self._deliver(self._sock.recv())
+        return inbox.replies.popleft()
 
     def _call(self, type_: str, timeout: float, **fields: Any) -> dict[str, Any]:
-        rid, sent_at = self._send(type_, **fields)
+        """Send one request and return its final reply; an ``error`` reply raises."""
+        rid = self._send(type_, **fields)
         try:
-            *_, last = self._replies(rid, sent_at, timeout)
+            event = self._next(rid, timeout)
+            while not event.get("final"):
+                event = self._next(rid, timeout)
         except TimeoutError:
             raise self._not_running() from None
-        return last
+        finally:
+            self._open.pop(rid, None)  # a late reply is dropped
+        if event.get("event") == "error":
+            raise response_error(event)
+        return event
 
     def ping(self, timeout: float = 2.0) -> dict[str, Any]:
         """The daemon's ``pong``; raises DaemonNotRunning if none comes within ``timeout``."""
@@ -215,7 +266,8 @@ class Client(_Requests):
         return self._call("stats", timeout)
 
     def memory(self, op: str, timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
-        """A memory control: list, search (query=), show/forget (target=), forget_all, export, import (records=)."""
+        """A memory control: list, search (query=), show/forget (target=, or targets=[ids] for
+        forget), forget_all, export, import (records=)."""
         return self._call("memory", timeout, op=op, **fields)
 
     def rate(self, score: int, query_id: str | None = None, timeout: float = 10.0) -> dict[str, Any]:
@@ -246,21 +298,33 @@ class Client(_Requests):
         chain: str | None = None,
         session: str | None = None,
         memory: bool = True,
+        remember_timeout: float = DEFAULT_REMEMBER_TIMEOUT,
     ) -> Iterator[dict[str, Any]]:
-        """Stream the events of one question; closing the iterator early cancels it.
-        ``memory=False`` is incognito: nothing is recalled or stored."""
+        """Stream the events of one question; closing the iterator before ``done`` cancels it.
+        ``memory=False`` is incognito: nothing is recalled or stored.
+
+        After ``done`` come ``remembered`` (the exchange is on disk) or an ``error`` with code
+        ``memory_unavailable`` (it could not be stored; the message says why), waited for at most
+        ``remember_timeout`` seconds (then NoReply). Leaving the loop at ``done`` is fine.
+        Raises a ResponseError subclass when the question cannot be answered at all."""
         fields = self._ask_fields(text, stages, sequential, chain, session, memory,
                                   {"max_tokens": max_tokens, "temperature": temperature})
-        rid, sent_at = self._send("ask", **fields)
-        finished = False
+        rid = self._send("ask", **fields)
+        answered = over = False  # answered: `done` came, nothing is left to cancel
         try:
-            for event in self._replies(rid, sent_at, self.idle_timeout):
-                finished = event.get("final", False) or event.get("event") == "done"  # nothing left to cancel
+            while not over:
+                timeout = remember_timeout if answered else self.idle_timeout
+                try:
+                    event = self._next(rid, timeout)
+                except TimeoutError:
+                    raise self._no_reply(answered, timeout) from None
+                over = bool(event.get("final"))
+                answered = answered or event.get("event") == "done"
+                _check_ask_event(event, answered)
                 yield event
-        except TimeoutError:
-            raise MiradorError(f"the daemon sent nothing for {self.idle_timeout:.0f} s; see `mirador status`") from None
         finally:
-            if not finished:
+            self._open.pop(rid, None)  # replies still to come are dropped
+            if not (answered or over):
                 try:  # a daemon that went away cannot take it: never block on it
                     self._sock.send(self._cancel_frame(rid), flags=zmq.NOBLOCK)
                 except zmq.ZMQError:
@@ -268,7 +332,11 @@ class Client(_Requests):
 
 
 class AsyncClient(_Requests):
-    """The asyncio twin of ``Client``: same methods, awaited; ``ask`` is an async iterator."""
+    """The asyncio twin of ``Client``: same methods, awaited; ``ask`` is an async iterator.
+
+    Any number of tasks may use one AsyncClient at once: a reader task owns the receiving side
+    of the socket and routes every reply to the queue of its request.
+    """
 
     def __init__(self, endpoint: str | None = None, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
                  curve: remote.Credentials | None = None):
@@ -278,53 +346,87 @@ class AsyncClient(_Requests):
         self._poller = zmq.asyncio.Poller()
         self._poller.register(self._sock, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
+        self._reader: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> "AsyncClient":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close, once the reader has stopped (prefer this to ``close`` inside a running loop)."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
         self.close()
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self._broadcast(MiradorError("the client was closed while this request was open"))
+        self._open.clear()
         self._sock.disable_monitor()
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
 
-    async def _send(self, type_: str, **fields: Any) -> tuple[str, float]:
-        rid = self._new_id()
-        await self._sock.send(protocol.request(type_, rid, **fields))
-        return rid, time.perf_counter()
+    def _broadcast(self, exc: BaseException) -> None:
+        for inbox in list(self._open.values()):
+            inbox.put(exc)
 
-    async def _replies(self, rid: str, sent_at: float, timeout: float) -> AsyncIterator[dict[str, Any]]:
-        while True:
-            stash = self._stash.get(rid)
-            if stash:
-                event = stash.popleft()
-            else:
-                ready = dict(await self._poller.poll(timeout * 1000))
-                if self._monitor in ready:
-                    self._check_monitor(await self._monitor.recv_multipart())
-                if self._sock not in ready:
-                    if not ready:
-                        raise TimeoutError(timeout)
-                    continue
-                event = self._route(await self._sock.recv(), rid, sent_at)
-                if event is None:
-                    continue
-            yield event
-            if event.get("final"):
-                self._stash.pop(rid, None)
-                return
+    async def _read(self) -> None:
+        """Route every reply to its request. A failure of the connection (the daemon went away,
+        a refused key, an unreadable frame) goes to every open request; reading goes on, since
+        ZeroMQ reconnects by itself."""
+        try:
+            while True:
+                ready = dict(await self._poller.poll())
+                try:
+                    if self._monitor in ready:
+                        self._check_monitor(await self._monitor.recv_multipart())
+                    if self._sock in ready:
+                        self._deliver(await self._sock.recv())
+                except MiradorError as exc:
+                    self._broadcast(exc)
+        except zmq.ZMQError as exc:  # the socket itself failed (closed under us)
+            self._broadcast(MiradorError(f"the connection to {self.endpoint} failed: {exc}"))
+
+    async def _send(self, type_: str, **fields: Any) -> str:
+        rid = self._new_id()
+        self._open[rid] = _AsyncInbox()
+        loop = asyncio.get_running_loop()
+        if self._reader is None or self._reader.done() or self._reader.get_loop() is not loop:  # a new asyncio.run
+            self._reader = loop.create_task(self._read())
+        try:
+            await self._sock.send(protocol.request(type_, rid, **fields))
+        except BaseException:
+            self._open.pop(rid, None)
+            raise
+        return rid
+
+    async def _next(self, rid: str, timeout: float) -> dict[str, Any]:
+        inbox = self._open[rid]
+        assert isinstance(inbox, _AsyncInbox)
+        item = await asyncio.wait_for(inbox.queue.get(), timeout)  # TimeoutError after `timeout`
+        if isinstance(item, BaseException):
+            raise item
+        return item
 
     async def _call(self, type_: str, timeout: float, **fields: Any) -> dict[str, Any]:
-        rid, sent_at = await self._send(type_, **fields)
-        last: dict[str, Any] = {}
+        rid = await self._send(type_, **fields)
         try:
-            async for last in self._replies(rid, sent_at, timeout):
-                pass
+            event = await self._next(rid, timeout)
+            while not event.get("final"):
+                event = await self._next(rid, timeout)
         except TimeoutError:
             raise self._not_running() from None
-        return last
+        finally:
+            self._open.pop(rid, None)
+        if event.get("event") == "error":
+            raise response_error(event)
+        return event
 
     async def ping(self, timeout: float = 2.0) -> dict[str, Any]:
         return await self._call("ping", timeout)
@@ -363,19 +465,27 @@ class AsyncClient(_Requests):
         chain: str | None = None,
         session: str | None = None,
         memory: bool = True,
+        remember_timeout: float = DEFAULT_REMEMBER_TIMEOUT,
     ) -> AsyncIterator[dict[str, Any]]:
+        """As ``Client.ask``."""
         fields = self._ask_fields(text, stages, sequential, chain, session, memory,
                                   {"max_tokens": max_tokens, "temperature": temperature})
-        rid, sent_at = await self._send("ask", **fields)
-        finished = False
+        rid = await self._send("ask", **fields)
+        answered = over = False
         try:
-            async for event in self._replies(rid, sent_at, self.idle_timeout):
-                finished = event.get("final", False) or event.get("event") == "done"  # nothing left to cancel
+            while not over:
+                timeout = remember_timeout if answered else self.idle_timeout
+                try:
+                    event = await self._next(rid, timeout)
+                except TimeoutError:
+                    raise self._no_reply(answered, timeout) from None
+                over = bool(event.get("final"))
+                answered = answered or event.get("event") == "done"
+                _check_ask_event(event, answered)
                 yield event
-        except TimeoutError:
-            raise MiradorError(f"the daemon sent nothing for {self.idle_timeout:.0f} s; see `mirador status`") from None
         finally:
-            if not finished:
+            self._open.pop(rid, None)
+            if not (answered or over):
                 try:
                     await self._sock.send(self._cancel_frame(rid), flags=zmq.NOBLOCK)
                 except zmq.ZMQError:

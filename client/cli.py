@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from datetime import datetime
-from typing import Any
+from typing import Any, Iterator
 
 import click
 
-from . import daemon_control, remote
-from .api import Client, DaemonNotRunning, MiradorError
+from . import daemon_control, protocol, remote
+from .api import Client
+from .errors import DaemonNotRunning, MiradorError, NoReply, ResponseError
 from .cli_keys import keys
 from .paths import Paths
 from .render import Renderer
 from .service import service
+
+
+# After the answer is shown, how long `ask` and `chat` wait for the daemon to confirm that the
+# exchange is stored (~0.3 s here), so that a failure to store it is never silent.
+REMEMBER_WAIT_S = 10.0
+# `memory import` sends this many memories per request at most (each one written all or nothing,
+# and well under the protocol's frame limit), and fewer when they are long.
+IMPORT_BATCH = 100
+IMPORT_BATCH_BYTES = protocol.MAX_FRAME_BYTES // 4
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -110,7 +121,8 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
     stage_list = [s.strip() for s in stages.split(",") if s.strip()] if stages else None
     with _connected(no_autostart) as client:
         events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature,
-                            sequential=sequential, chain=chain, session=session, memory=not no_memory)
+                            sequential=sequential, chain=chain, session=session, memory=not no_memory,
+                            remember_timeout=REMEMBER_WAIT_S)
         try:
             failed = _show_answer(events, as_json, rate_hint=not no_memory)
         except KeyboardInterrupt:
@@ -134,23 +146,32 @@ def _connected(no_autostart: bool = False) -> Client:
 
 def _show_answer(events: Any, as_json: bool = False, rate_hint: bool = True) -> bool:
     """Print an ask's events as they come (rendered, or NDJSON); returns whether any was an error.
-    Ctrl-C closes the stream (the daemon stops generating) and is raised again."""
+    After ``done`` it waits (``remember_timeout``) for the exchange to be stored, and says so on
+    stderr if it was not. Ctrl-C closes the stream (the daemon stops generating) and is raised again."""
     renderer = None if as_json else Renderer(sys.stdout, sys.stderr)
+
+    def show(event: dict[str, Any]) -> None:
+        if renderer:
+            renderer.handle(event)
+        else:
+            click.echo(json.dumps(event, ensure_ascii=False))
+
     failed = False
     try:
         for event in events:
             failed |= event.get("event") == "error"
-            if renderer:
-                renderer.handle(event)
-                if event.get("event") == "done":
-                    if rate_hint and sys.stderr.isatty() and not event.get("cancelled"):
-                        click.secho("rate this answer: mirador rate 1-5", err=True, dim=True)
-                    break  # the answer is complete; the daemon stores it without us
-            else:
-                click.echo(json.dumps(event, ensure_ascii=False))
+            show(event)
+            if renderer and event.get("event") == "done" and rate_hint and sys.stderr.isatty() and not event.get("cancelled"):
+                click.secho("rate this answer: mirador rate 1-5", err=True, dim=True)
     except KeyboardInterrupt:
         events.close()  # tells the daemon to stop generating
         raise
+    except ResponseError as exc:  # the question could not be answered at all: shown like any error event
+        show({"event": "error", "id": exc.request_id, "final": True, "code": exc.code, "message": exc.message})
+        failed = True
+    except NoReply as exc:
+        click.echo(f"mirador: {exc}", err=True)
+        failed = True
     except MiradorError as exc:
         _fail(str(exc))
     finally:
@@ -159,26 +180,31 @@ def _show_answer(events: Any, as_json: bool = False, rate_hint: bool = True) -> 
     return failed
 
 
-def _query(method: str, *args: Any, **fields: Any) -> dict[str, Any]:
-    """One request to a running daemon (status, stats, memory), or a clear error."""
+@contextlib.contextmanager
+def _running_daemon() -> Iterator[Client]:
+    """A client of the running daemon (none is started); any failure ends the command with a
+    clear message."""
     paths = Paths.from_env()
     endpoint = _remote()
     try:
         if endpoint is None and not paths.socket.exists():
             raise DaemonNotRunning("")
         with Client(endpoint or paths.endpoint) as client:
-            reply = getattr(client, method)(*args, **fields)
-        if reply.get("event") == "error":
-            _fail(reply["message"])
-        return reply
+            yield client
     except DaemonNotRunning as exc:
         if endpoint:
             _fail(str(exc))
         if daemon_control.running_pid(paths) is not None:
             _fail("miradord is starting; try again in a moment")
         _fail("miradord is not running; start it with `mirador daemon start`")
-    except MiradorError as exc:  # a refused key, missing key files
+    except MiradorError as exc:  # the daemon's error reply, a refused key, missing key files
         _fail(str(exc))
+
+
+def _query(method: str, *args: Any, **fields: Any) -> dict[str, Any]:
+    """One request to a running daemon (status, stats, memory), or a clear error."""
+    with _running_daemon() as client:
+        return getattr(client, method)(*args, **fields)
     raise AssertionError("unreachable")
 
 
@@ -386,26 +412,81 @@ def memory_export(file: str) -> None:
         click.echo(f"exported {len(records)} memories to {file}", err=True)
 
 
-@memory.command("import")
-@click.argument("file", type=click.Path(exists=True, dir_okay=False))
-def memory_import(file: str) -> None:
-    """Add the memories in a JSON-lines FILE (as `memory export` writes it)."""
+def _read_memories(file: str) -> list[tuple[int, dict[str, Any]]]:
+    """Every memory of a JSON-lines file with its line's length; a bad line ends the command
+    before anything is imported."""
     records = []
     with open(file, encoding="utf-8") as lines:
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
+            if len(line.encode()) > protocol.MAX_FRAME_BYTES - 1024:
+                _fail(f"{file}:{number}: a memory of {len(line.encode())} bytes is more than the daemon takes "
+                      f"({protocol.MAX_FRAME_BYTES - 1024}); nothing was imported", 2)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 _fail(f"{file}:{number}: not JSON ({exc.msg}); nothing was imported", 2)
-            if not all(isinstance(record.get(k), str) for k in ("id", "question", "answer")):
-                _fail(f"{file}:{number}: a memory needs id, question and answer; nothing was imported", 2)
-            records.append(record)
-    imported = 0
-    for start in range(0, len(records), 200):  # stay well under the protocol's frame limit
-        imported += _query("memory", "import", records=records[start:start + 200])["imported"]
-    click.echo(f"imported {imported} memories")
+            problem = protocol.memory_record_problem(record)
+            if problem:
+                _fail(f"{file}:{number}: {problem}; nothing was imported", 2)
+            records.append((len(line), record))
+    return records
+
+
+def _batches(records: list[tuple[int, dict[str, Any]]]) -> Iterator[list[dict[str, Any]]]:
+    batch: list[dict[str, Any]] = []
+    size = 0
+    for length, record in records:
+        if batch and (len(batch) == IMPORT_BATCH or size + length > IMPORT_BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(record)
+        size += length
+    if batch:
+        yield batch
+
+
+def _undo_import(client: Client, added: list[str]) -> str:
+    """Remove the memories an import added before it failed; says how that went."""
+    if not added:
+        return "nothing was imported"
+    try:
+        for start in range(0, len(added), 1000):
+            client.memory("forget", targets=added[start:start + 1000])
+    except MiradorError as exc:
+        return (f"the {len(added)} memories it had added could not be removed again ({exc}): import the file "
+                "again once the daemon is back to finish it (memories already there are skipped)")
+    return f"the {len(added)} memories it had added were removed again: nothing was imported"
+
+
+@memory.command("import")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def memory_import(file: str) -> None:
+    """Add the memories in a JSON-lines FILE (as `memory export` writes it).
+
+    All or nothing: a bad line imports nothing, and a failure part-way removes what the file
+    added. Memories whose id is stored already are kept as they are (skipped)."""
+    records = _read_memories(file)
+    total, tty = len(records), sys.stderr.isatty()
+    added: list[str] = []
+    done = skipped = 0
+    with _running_daemon() as client:
+        try:
+            for batch in _batches(records):
+                reply = client.memory("import", records=batch)
+                added += reply["ids"]
+                skipped += reply["skipped"]
+                done += len(batch)
+                line = f"importing {file}: {done} of {total} memories"
+                click.echo(f"\r\x1b[K{line}" if tty else line, err=True, nl=not tty)
+        except MiradorError as exc:
+            if tty:
+                click.echo(err=True)
+            _fail(f"{file}: the import failed after {done} of {total} memories: {exc}; {_undo_import(client, added)}")
+    if tty and total:
+        click.echo(err=True)
+    click.echo(f"imported {len(added)} memories" + (f" ({skipped} already there, kept as they were)" if skipped else ""))
 
 
 @main.command()
@@ -422,7 +503,8 @@ def chat(session: str | None, no_memory: bool, max_tokens: int | None, no_autost
 
     def answer(client: Client, question: str) -> None:
         try:
-            _show_answer(client.ask(question, max_tokens=max_tokens, session=name, memory=not no_memory), rate_hint=False)
+            _show_answer(client.ask(question, max_tokens=max_tokens, session=name, memory=not no_memory,
+                                    remember_timeout=REMEMBER_WAIT_S), rate_hint=False)
         except KeyboardInterrupt:
             click.echo("\n(stopped)", err=True)
 

@@ -37,9 +37,11 @@ Requests (client -> daemon)
       ``status``  no fields.
       ``stats``   no fields.
       ``memory``  ``op``: list | search | show | forget | forget_all | export | import, with
-                  ``query`` (search), ``target`` (show, forget: a memory id), ``limit`` (list,
-                  search), ``records`` (import: maps with id, question, answer and optionally
-                  route, models, session, ts, as export gives them).
+                  ``query`` (search), ``target`` (show, forget: a memory id), ``targets``
+                  (forget: a list of ids instead), ``limit`` (list, search), ``records``
+                  (import: maps with id, question, answer and optionally route, models,
+                  session, ts, as export gives them; a record whose id is stored already is
+                  skipped, and one import request is written all or nothing).
       ``rate``    ``score`` (integer 1..5); ``query_id`` (optional: default, the last answer).
       ``learn``   ``op``: stats | reset.
       ``hint``    ``text``: what the user has typed so far. The daemon starts loading the models
@@ -70,7 +72,10 @@ Replies (daemon -> client)
                model behind other questions)}; then ``done`` {query_id,
                cancelled, metrics}: the answer is complete. When the exchange is to be
                remembered, ``done`` is not final: ``remembered`` {query_id, memory_id} follows
-               (final) once it is stored on disk; a client may leave at ``done``. In
+               (final) once it is stored on disk, or, if it could not be stored, ``error``
+               {code: memory_unavailable, message: why, e.g. the disk is full and where}
+               (final); a client may leave at ``done``. A daemon told to stop still finishes
+               and acknowledges the writes in flight before it ends running asks. In
                progressive mode stages overlap, so their events interleave (each stage's own
                events stay in order).
                A stage whose model fails sends ``error`` {code, message, stage, model} (not
@@ -83,7 +88,8 @@ Replies (daemon -> client)
                busy, models: {name: loaded}, generating, placement, node_id, node_ip, hostname, pid}], memory: {enabled, memories,
                bytes, path, placement, node_id, node_ip, hostname, pid}, power {profile,
                measured, forced, battery, sensor_error}, routes, chains} (final).
-    ``memory`` ``memory`` {records: [...]} or {forgotten: n} or {imported: n} (final).
+    ``memory`` ``memory`` {records: [...]} or {forgotten: n} or {imported: n, skipped: n, ids:
+               [the ids added]} (final).
     ``rate``   ``rated`` {query_id, type, plan, rating} (final).
     ``hint``   ``hint`` {predictions: [{actor, model, p, why, loaded}]} (final), at once: the
                loads go on in the background.
@@ -106,8 +112,8 @@ Replies (daemon -> client)
     of the wrong type), ``too_large`` (a frame over MAX_FRAME_BYTES), ``unknown_type``,
     ``unknown_stage``, ``unknown_chain``, ``duplicate_id``, ``not_found``, ``memory_disabled``,
     ``learning_disabled``, ``unknown_model`` (not in the manifest), ``model_unused`` (no stage
-    or chain runs it), ``model_error`` (it would not load),
-    ``shutting_down``, ``internal``.
+    or chain runs it), ``model_error`` (it would not load), ``memory_unavailable`` (after
+    ``done``: the exchange could not be stored), ``shutting_down``, ``internal``.
     Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
     backend lacks it), ``backend_unavailable`` (e.g. Ollama is not running), ``timeout`` and
     ``stage_unavailable`` (its actor is not running: it crashed or its node left mid-answer, or
@@ -272,15 +278,39 @@ def _check_memory(obj: dict[str, Any], rid: str) -> None:
         raise ProtocolError("bad_request", f"'memory' needs 'op', one of {', '.join(MEMORY_OPS)}", rid)
     if op == "search" and not (isinstance(obj.get("query"), str) and obj["query"].strip()):
         raise ProtocolError("bad_request", "'search' needs 'query': a non-empty string", rid)
-    if op in ("show", "forget") and not isinstance(obj.get("target"), str):
-        raise ProtocolError("bad_request", f"'{op}' needs 'target': a memory id", rid)
+    if op == "show" and not isinstance(obj.get("target"), str):
+        raise ProtocolError("bad_request", "'show' needs 'target': a memory id", rid)
+    if op == "forget" and not (isinstance(obj.get("target"), str) or (
+            isinstance(obj.get("targets"), list) and all(isinstance(t, str) for t in obj["targets"]))):
+        raise ProtocolError("bad_request", "'forget' needs 'target': a memory id, or 'targets': a list of them", rid)
     if op == "import":
         records = obj.get("records")
-        if not isinstance(records, list) or not all(
-            isinstance(r, dict) and isinstance(r.get("question"), str) and isinstance(r.get("answer"), str)
-            and isinstance(r.get("id"), str) for r in records
-        ):
-            raise ProtocolError("bad_request", "'import' needs 'records': maps with id, question and answer", rid)
+        if not isinstance(records, list):
+            raise ProtocolError("bad_request", "'import' needs 'records': a list of memories", rid)
+        for number, record in enumerate(records, 1):
+            problem = memory_record_problem(record)
+            if problem:
+                raise ProtocolError("bad_request", f"'import' record {number}: {problem}", rid)
     limit = obj.get("limit")
     if limit is not None and (type(limit) is not int or limit < 0):
         raise ProtocolError("bad_request", "'limit' must be a non-negative integer", rid)
+
+
+def memory_record_problem(record: Any) -> str | None:
+    """What is wrong with one memory to import (as ``memory export`` writes them), or None."""
+    if not isinstance(record, dict):
+        return "a memory must be a map (a JSON object)"
+    missing = [k for k in ("id", "question", "answer") if not isinstance(record.get(k), str)]
+    if missing:
+        return f"a memory needs id, question and answer as strings ({', '.join(missing)} missing or not a string)"
+    if not 0 < len(record["id"]) <= MAX_ID_CHARS:
+        return f"its id must have 1..{MAX_ID_CHARS} characters"
+    if record.get("ts") is not None and (type(record["ts"]) not in (int, float)):
+        return "'ts' must be a number (seconds since 1970)"
+    for key in ("route", "session"):
+        if record.get(key) is not None and not isinstance(record[key], str):
+            return f"'{key}' must be a string"
+    models = record.get("models")
+    if models is not None and not (isinstance(models, str) or (isinstance(models, list) and all(isinstance(m, str) for m in models))):
+        return "'models' must be a string or a list of strings"
+    return None

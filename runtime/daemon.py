@@ -3,8 +3,10 @@
 Start-up: config (and owner checks of every directory) → pid lock → Ray (private, loopback-only,
 with its own token; or joined) → one StageActor per stage, models loaded →
 ZeroMQ socket bound (clients that find the socket find a ready daemon) → serve until SIGTERM or
-SIGINT. Shutdown: running asks end with a ``shutting_down`` error, actors are killed, the Ray it
-started is stopped and its temp dir and token removed, the socket file is removed.
+SIGINT. Shutdown: no new request is read; the memory and learner writes in flight finish and are
+acknowledged (for at most ``SHUTDOWN_DRAIN_S``); then running asks end with a ``shutting_down``
+error, actors are killed, the Ray it started is stopped and its temp dir and token removed, the
+socket file is removed.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from .access import TcpAccess
 from .config import Config, ConfigError, Placement, http_override, load_config
 
 log = logging.getLogger("mirador.daemon")
+
+# At shutdown, how long the memory and learner writes in flight may take to finish before the
+# actors are stopped (a write takes ~0.3 s here; systemd allows 90 s for the whole stop).
+SHUTDOWN_DRAIN_S = 15.0
 
 
 def actor_name(key: str) -> str:
@@ -108,10 +114,26 @@ class Daemon:
 
     async def memory_op(self, request: dict[str, Any]) -> dict[str, Any]:
         """The user's controls over what is remembered (``memory`` requests)."""
-        rid, op, m = request["id"], request["op"], self.memory
-        if m is None:
+        import ray
+
+        rid = request["id"]
+        if self.memory is None:
             why = f"memory is unavailable: {self.memory_error}" if self.memory_error else "memory is off (memory.enabled = false in mirador.toml)"
             raise ProtocolError("memory_disabled", why, rid)
+        from .orchestrator import store_failure
+        from .placement import call_while_restarting
+
+        try:
+            # Not an import: had the store written the batch before it died, a second try would
+            # skip those memories as already there, and `memory import` could not undo them.
+            if request["op"] == "import":
+                return await self._memory_op(request, self.memory)
+            return await call_while_restarting(lambda: self._memory_op(request, self.memory), self.config.actor_wait_s)
+        except ray.exceptions.RayError as exc:  # a failed write says why (a full disk)
+            raise ProtocolError("memory_unavailable", store_failure(exc), rid) from None
+
+    async def _memory_op(self, request: dict[str, Any], m: Any) -> dict[str, Any]:
+        rid, op = request["id"], request["op"]
         if op == "list":
             return {"records": await m.list.remote(request.get("limit", 50))}
         if op == "export":
@@ -123,13 +145,15 @@ class Daemon:
             if record is None:
                 raise ProtocolError("not_found", f"no memory with id {request['target']!r}", rid)
             return {"records": [record]}
-        if op == "forget":
+        if op == "forget" and "target" in request:
             if not await m.forget.remote(request["target"]):
                 raise ProtocolError("not_found", f"no memory with id {request['target']!r}", rid)
             return {"forgotten": 1}
+        if op == "forget":
+            return {"forgotten": await m.forget_many.remote(request["targets"])}
         if op == "forget_all":
             return {"forgotten": await m.forget_all.remote()}
-        return {"imported": await m.import_records.remote(request["records"])}  # op == "import"
+        return await m.import_records.remote(request["records"])  # op == "import"
 
     def _learner(self, rid: str) -> Any:
         if self.learner is None:
@@ -355,10 +379,16 @@ class Daemon:
             stop_copying_log_to_a_file()
             serving = asyncio.ensure_future(server.serve())
             await stop.wait()
-            log.info("shutting down")
-            serving.cancel()
+            log.info("shutting down: %d pending writes", self.orchestrator.pending_writes)
+            serving.cancel()  # no new requests; answers already running go on while writes drain
             watching.cancel()
             pruning.cancel()
+            lost = await self.orchestrator.drain(SHUTDOWN_DRAIN_S)
+            if lost:
+                log.error("%d memory or learner writes did not finish within %g s of shutdown and may be lost",
+                          lost, SHUTDOWN_DRAIN_S)
+            else:
+                log.info("pending writes finished")
         finally:
             if self.http is not None:
                 await self.http.close()

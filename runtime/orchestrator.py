@@ -28,12 +28,22 @@ import ray
 from mirador.client.protocol import ProtocolError
 
 from .config import Config, Placement
+from .placement import RETRY_PAUSE_S as ACTOR_RETRY_PAUSE_S
+from .placement import call_while_restarting
 from .router import Route, classify, question_type
-from .server import Emit
+from .server import Emit, PeerGone
 
 log = logging.getLogger("mirador.orchestrator")
 
-ACTOR_RETRY_PAUSE_S = 0.25  # between calls to a stage actor that Ray is restarting
+
+def store_failure(exc: BaseException) -> str:
+    """Why a call to the memory store (or the learner) failed, in the user's terms."""
+    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
+        return str(exc.cause)  # the store says why: a full disk, a directory it cannot write
+    if isinstance(exc, ray.exceptions.RayError):
+        return (f"the store's actor is not running ({type(exc).__name__}); Ray restarts it, so the next "
+                "ones are stored again")
+    return f"{type(exc).__name__}: {exc}"
 
 
 class StageUnavailable(Exception):
@@ -108,6 +118,9 @@ class Orchestrator:
         self.memory = memory  # the MemoryStore actor, None when memory is off
         self.learner = learner  # the Learner actor, None when learning is off
         self.on_done = on_done
+        # Memory and learner writes in flight, and the acknowledgements that follow them: the
+        # daemon's shutdown waits for these (``drain``) before it stops the actors.
+        self._writes: set[asyncio.Future[Any]] = set()
         self.power: dict[str, Any] = {"profile": "maximum"}  # the EnergyMonitor's last reading, kept fresh by the daemon
         # What the learner chooses among: every routing stage set, then every chain.
         routed_plans = dict.fromkeys("+".join(stages) for stages in config.routes.values())
@@ -226,22 +239,61 @@ class Orchestrator:
         metrics = {"duration_s": round(time.perf_counter() - started, 6),
                    "stages": {name: r.stats for name, r in results.items()}, "errors": ask.errors}
         # The answer is complete for the user at `done`; storing it (a durable write, ~0.3 s
-        # here) follows, and `remembered` acknowledges it once it is on disk.
+        # here) starts just before, and `remembered` acknowledges it once it is on disk.
         exchange = self._exchange(ask, results) if ask.use_memory and self.memory is not None and not ask.cancelled else None
-        await emit("done", final=exchange is None, query_id=ask.query_id, cancelled=ask.cancelled, metrics=metrics)
+        write = self._track(self._remember(exchange), f"storing {ask.query_id}") if exchange else None
+        await emit("done", final=write is None, query_id=ask.query_id, cancelled=ask.cancelled, metrics=metrics)
         if self.on_done:
             self.on_done(ask, metrics)
-        if learning and not ask.cancelled:
-            self.learner.observe.remote(ask.query_id, ask.qtype, ask.plan)  # no text: type and plan only
-        if exchange is not None:
+        if learning and not ask.cancelled:  # no text: type and plan only
+            self._track(self.learner.observe.remote(ask.query_id, ask.qtype, ask.plan), f"noting {ask.query_id} for the learner")
+        if write is not None:
+            # Its own task, so that a shutdown that stops this ask still lets the user hear
+            # whether the exchange was stored.
+            await asyncio.shield(self._track(self._acknowledge(ask, write, emit), f"acknowledging {ask.query_id}"))
+
+    async def _remember(self, exchange: dict[str, Any]) -> str:
+        # An upsert by query id: sending it again to a store that Ray restarts stores it once.
+        return await call_while_restarting(lambda: self.memory.remember.remote(exchange), self.config.actor_wait_s)
+
+    async def _acknowledge(self, ask: Ask, write: asyncio.Future[Any], emit: Emit) -> None:
+        """Tell the client that its exchange is on disk (``remembered``) or why it is not."""
+        try:
             try:
-                memory_id = await self.memory.remember.remote(exchange)
+                memory_id = await write
             except ray.exceptions.RayError as exc:
-                log.error("could not remember %s: %s", ask.query_id, exc)
                 await emit("error", final=True, code="memory_unavailable",
-                           message=f"this exchange could not be stored: {type(exc).__name__}")
+                           message=f"this exchange was not stored: {store_failure(exc)}")
                 return
             await emit("remembered", final=True, query_id=ask.query_id, memory_id=memory_id)
+        except PeerGone:  # the client left; the exchange is stored all the same
+            pass
+
+    def _track(self, pending: Any, what: str) -> asyncio.Future[Any]:
+        """Keep a write (an ObjectRef or a coroutine) in sight of ``drain``; log its failure."""
+        future = asyncio.ensure_future(pending)
+        self._writes.add(future)
+
+        def finished(f: asyncio.Future[Any]) -> None:
+            self._writes.discard(f)
+            if not f.cancelled() and f.exception() is not None:  # retrieved: never "never retrieved"
+                log.error("%s failed: %s", what, store_failure(f.exception()))
+
+        future.add_done_callback(finished)
+        return future
+
+    @property
+    def pending_writes(self) -> int:
+        return len(self._writes)
+
+    async def drain(self, timeout: float) -> int:
+        """Wait up to ``timeout`` s for the writes in flight (and those of answers that finish
+        meanwhile) to finish and be acknowledged; returns how many did not."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while self._writes and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._writes), timeout=left)
+        return len(self._writes)
 
     def _apply_power(self, ask: Ask) -> dict[str, Any]:
         """Trim the plan to what the power profile allows; say what changed."""

@@ -18,12 +18,31 @@ over and send its tokens twice. The orchestrator decides instead (see ``Orchestr
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, Callable
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .config import ConfigError, Placement
+
+
+RETRY_PAUSE_S = 0.25  # between calls to an actor that Ray is restarting
+
+
+async def call_while_restarting(call: Callable[[], Any], wait_s: float) -> Any:
+    """Await ``call()`` (an actor call), sending it again while the actor is down and Ray
+    restarts it, for up to ``wait_s``. Only for calls that are harmless to run twice (reads,
+    upserts, deletes): a call that failed may have run before its actor died."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        try:
+            return await call()
+        except ray.exceptions.RayActorError:
+            if loop.time() + RETRY_PAUSE_S >= deadline:
+                raise
+            await asyncio.sleep(RETRY_PAUSE_S)
 
 
 class ClusterError(Exception):
