@@ -81,7 +81,8 @@ Replies (daemon -> client)
     ``hint``   ``hint`` {predictions: [{actor, model, p, why, loaded}]} (final), at once: the
                loads go on in the background.
     ``models`` ``models`` (final): list {models: [{name, backend, source, size_mb, roles,
-               triggers, priority, actors, loaded_in, available}]}; ps {budget_mb, used_mb,
+               triggers, priority, actors, loaded_in, available}]}; ps {budget_mb, used_mb, pinned_by
+               (how many questions hold pins),
                models: [{model, actor, backend, size_mb, node_id, pid, idle_s, load_s, in_use}]};
                load {loaded: [{actor, model, loaded, load_s, evicted, error}]}; unload
                {unloaded: [actor keys]}.

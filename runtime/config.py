@@ -157,6 +157,22 @@ class PreloadConfig:
 
 
 @dataclass(frozen=True)
+class ClientLimits:
+    """What one client, and all of them together, may hold of the daemon ([daemon] keys).
+
+    A question *waits* from the moment it is admitted until one of its stages gets a model's turn,
+    and again whenever none of its stages holds one while some are still to run (e.g. between
+    its quick answer and its synthesis); a cancelled question no longer waits. An ask beyond
+    either waiting limit is refused at once with a ``busy`` error.
+    """
+
+    max_waiting: int = 64  # questions waiting, daemon-wide
+    max_waiting_per_client: int = 16  # questions waiting, per client connection
+    client_buffer_mb: float = 16  # replies queued for a client that does not read them, at most
+    client_stall_s: float = 30  # how long a client may read nothing while replies wait for it
+
+
+@dataclass(frozen=True)
 class Config:
     """The daemon's whole configuration, validated."""
 
@@ -175,6 +191,7 @@ class Config:
     energy: EnergyConfig
     preload: PreloadConfig
     raw: dict[str, Any]
+    limits: ClientLimits = ClientLimits()
 
     def stage_models(self, stage: str, text: str) -> tuple[str, ...]:
         """The models that answer ``stage`` for this question, in order: a model serving the stage
@@ -310,6 +327,7 @@ def load_config(paths: Paths, env: dict[str, str] | None = None) -> Config:
         energy=_energy(raw.get("energy", {}), stages),
         preload=_preload(raw.get("preload", {})),
         raw=raw,
+        limits=_limits(raw.get("daemon", {})),
     )
 
 
@@ -418,3 +436,16 @@ def _preload(p: dict[str, Any]) -> PreloadConfig:
     if not 0 < config.budget_share <= 1 or config.budget_mb < 0:
         raise ConfigError("preload: budget_share must be in (0, 1] and budget_mb at least 0")
     return config
+
+
+def _limits(d: dict[str, Any]) -> ClientLimits:
+    try:
+        limits = ClientLimits(int(d.get("max_waiting", 64)), int(d.get("max_waiting_per_client", 16)),
+                              float(d.get("client_buffer_mb", 16)), float(d.get("client_stall_s", 30)))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"daemon: {exc}") from None
+    if limits.max_waiting < 1 or limits.max_waiting_per_client < 1:
+        raise ConfigError("daemon: max_waiting and max_waiting_per_client must be at least 1")
+    if limits.client_buffer_mb <= 0 or limits.client_stall_s <= 0:
+        raise ConfigError("daemon: client_buffer_mb and client_stall_s must be more than 0")
+    return limits

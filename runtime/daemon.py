@@ -93,6 +93,8 @@ class Daemon:
             "actors": list(actors),
             "memory": memory,
             "power": self.orchestrator.power,  # status is served only once the orchestrator exists
+            "queue": self.orchestrator.queue(),
+            "clients": self.server.clients(),
             "routes": {kind: list(stages) for kind, stages in self.config.routes.items()},
             "chains": [{"name": c.name, "description": c.description, "steps": [f"{st.name} ({st.model})" for st in c.steps]}
                        for c in self.config.chains.values()],
@@ -198,8 +200,8 @@ class Daemon:
                         "loaded_in": [row["actor"] for row in loaded if row["model"] == spec.name], "available": available})
         return out
 
-    def new_ask(self, request: dict[str, Any]) -> Any:
-        return self.orchestrator.new_ask(request)
+    def new_ask(self, request: dict[str, Any], client: bytes) -> Any:
+        return self.orchestrator.new_ask(request, client)
 
     async def run_ask(self, ask: Any, emit: Any) -> None:
         await self.orchestrator.run(ask, emit)
@@ -275,7 +277,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-        server = None
+        server = self.server = None
         self.metrics = MetricsStore(self.paths.data / "metrics.sqlite3")
         here = Placement()  # the learner's data and the battery read are this machine's
         if self.config.memory.enabled:
@@ -320,7 +322,7 @@ class Daemon:
             log.info("power profile: %s (battery %s)", self.orchestrator.power["profile"], self.orchestrator.power["battery"])
             watching = asyncio.ensure_future(self._watch_power())
             await self._await_loads(loads)
-            server = Server(self.paths.endpoint, self, self.tcp)
+            server = self.server = Server(self.paths.endpoint, self, self.tcp, self.config.limits)
             server.bind()
             self.ready = True
             log.info("ready in %.1f s at %s", time.time() - self.started_at, self.paths.endpoint)
