@@ -447,8 +447,6 @@ class Orchestrator:
             # questions is queued_s, and emit never waits for the client (see server.Outbox).
             async with asyncio.timeout(None) as deadline:
                 stream = await self._open(actor, args, step, stream)
-                if ask.cancelled:  # the cancel may have reached the actor before this request did
-                    actor.cancel.remote(ask.query_id)
                 while (item := await self._next(stream, ask, has_turn)) is not None:
                     if not has_turn and "end" not in item:  # every other item comes on the model's turn
                         has_turn = True

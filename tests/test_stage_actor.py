@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 
 import pytest
 import ray
@@ -76,6 +77,34 @@ def test_cancel_stops_a_running_generation(actor):
     rest = [ray.get(ref) for ref in stream]
     assert rest[-1]["cancelled"] is True and rest[-1]["tokens"] < 100
     assert ray.get(actor.cancel.remote("r5")) is False  # finished requests are forgotten
+
+
+def test_control_is_answered_at_once_while_a_hundred_generations_wait(actor):
+    counting = [{"role": "user", "content": "Count from 1 to 1000, separated by commas."}]  # 450 tokens, no early end
+    running = actor.generate.options(num_returns="streaming").remote("hold", counting, 450, 0.2)
+    assert ray.get(next(running)) == {"accepted": 0}
+    while "text" not in ray.get(next(running)):  # it holds the model's turn, and generates
+        pass
+    waiting = [actor.generate.options(num_returns="streaming").remote(f"w{i}", MESSAGES, 2, 0.2) for i in range(100)]
+    assert [ray.get(next(s), timeout=30) for s in waiting][-1] == {"accepted": 100}  # all in, none queued by Ray
+    # More than the 64 calls an actor once ran at once wait in it; control still answers now.
+    started = time.monotonic()
+    info = ray.get(actor.info.remote(), timeout=10)
+    assert info["busy"] and info["waiting"] == 100
+    assert ray.get(actor.cancel.remote("w99"), timeout=10) is True  # the last in line
+    cancelled = [ray.get(ref, timeout=10) for ref in waiting[-1]]  # it ends now, without its turn
+    assert cancelled[-1]["end"] is True and cancelled[-1]["cancelled"] is True and cancelled[-1]["tokens"] == 0
+    assert len(cancelled) == 1 and cancelled[-1]["model"] is None
+    # A load waits only for the running generation, not for the 99 waiting ones.
+    loading = actor.load.remote()
+    assert ray.get(actor.cancel.remote("hold"), timeout=10) is True
+    assert ray.get(loading, timeout=10)["loaded"] is True
+    took = time.monotonic() - started
+    assert [ray.get(ref) for ref in running][-1]["cancelled"] is True
+    assert took < 5  # ~0.1 s; generous for a loaded 2-core machine, far below 99 answers' worth
+    ends = [[ray.get(ref) for ref in s][-1] for s in waiting[:-1]]
+    assert all(e["tokens"] == 2 and not e["cancelled"] for e in ends)
+    assert ends[-1]["queued_s"] > ends[0]["queued_s"]  # first come, first served
 
 
 def test_a_failing_model_hands_over_to_the_next(actor):

@@ -83,7 +83,7 @@ def test_preloader_pins_are_released_whatever_order_the_calls_arrive_in(tmp_path
     async def scenario():
         preloader = Preloader.__ray_metadata__.modified_class(
             config, {s: _FakeStage() for s in stages}, {s: config.actor_models(s) for s in stages}, str(tmp_path / "none.db"))
-        text = "What is fog?"
+        text = "Explain why the sky is blue."  # medium: quick and deep
         predicted = {(p["actor"], p["model"]) for p in preloader.predict(text) if p["p"] >= config.preload.threshold}
         assert quick in predicted and len(predicted) > 1  # the route's stages: more than the plan below runs
 
