@@ -26,6 +26,10 @@ from .config import ClientLimits
 
 log = logging.getLogger("mirador.server")
 
+# ZeroMQ's own queue for each client counts messages, not bytes: keep it short, so that what
+# waits for a slow client waits in its Outbox, counted in bytes against [daemon] client_buffer_mb.
+SEND_HWM = 100
+
 # Frames up to this size are read and answered with `too_large`; ZeroMQ drops the connection of
 # a peer that sends anything bigger, so a hostile client cannot make the daemon buffer gigabytes.
 HARD_FRAME_LIMIT = 8 * protocol.MAX_FRAME_BYTES
@@ -159,6 +163,7 @@ class Server:
     def bind(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable/full peers raise instead of dropping
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         sock.setsockopt(zmq.LINGER, 0)
         if self.endpoint.startswith("ipc://"):
@@ -178,7 +183,8 @@ class Server:
             try:
                 self._dispatch(ident, outbox, protocol.parse_request(frames))
             except ProtocolError as exc:
-                log.info("bad request from client %s: %s", ident.hex(), exc.message)
+                log.info("%s from client %s: %s", "refused (busy)" if exc.code == "busy" else "bad request",
+                         ident.hex(), exc.message)
                 self._reply_soon(ident, outbox, protocol.error_reply(exc))
 
     def _outbox(self, ident: bytes) -> Outbox:

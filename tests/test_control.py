@@ -19,8 +19,9 @@ from mirador.client import protocol
 from .conftest import daemon_in_new_home
 
 LONG = "Write a long, detailed essay about the history of astronomy, from ancient times to today."
+COUNTING = "Count from 1 to 1000, separated by commas."  # long, and SmolLM2 does not end it early
 TOPICS = ["rain", "snow", "wind", "fog", "hail", "thunder", "rainbows", "tides", "comets", "volcanoes"]
-MAX_WAITING, PER_CLIENT = 100, 16
+MAX_WAITING, PER_CLIENT = 72, 16  # more than the 64 calls a stage actor used to run at once
 BUFFER_MB, STALL_S = 0.25, 4
 
 
@@ -68,11 +69,19 @@ def test_200_questions_at_once_are_answered_or_refused_busy_and_control_answers_
         read(blocker, held, lambda: any(e["event"] == "token" for e in held.get("long", [])), 120)
 
         sent = time.monotonic()
-        for c, sock in enumerate(clients):  # 8 clients x 25 questions, all at once
-            for i in range(25):
-                ask(sock, f"q{i}", f"What is {TOPICS[(c + i) % len(TOPICS)]}?", 2)
         replies = [{} for _ in clients]
-        for sock, got in zip(clients, replies):  # every ask is admitted (start) or refused, at once
+
+        def burst(sock, c):
+            for i in range(25):
+                ask(sock, f"q{i}", f"What is {TOPICS[(c + i) % len(TOPICS)]}?", 1)
+
+        # One client first, alone: it meets its own limit. Then seven more at once (25 each),
+        # who fill the daemon-wide limit. Every ask is admitted (start) or refused, at once.
+        burst(clients[0], 0)
+        read(clients[0], replies[0], lambda: len(replies[0]) == 25, 30)
+        for c, sock in enumerate(clients[1:], 1):
+            burst(sock, c)
+        for sock, got in zip(clients[1:], replies[1:]):
             read(sock, got, lambda: len(got) == 25, 30)
         refused = [[rid for rid, events in got.items() if events[0]["event"] == "error"] for got in replies]
         admitted = [[rid for rid, events in got.items() if events[0]["event"] == "start"] for got in replies]
@@ -81,21 +90,21 @@ def test_200_questions_at_once_are_answered_or_refused_busy_and_control_answers_
                 assert got[rid][0]["code"] == "busy" and got[rid][0]["final"], got[rid]
                 assert got[rid][0]["at"] - sent < 5  # at once, not after minutes of waiting
         assert [len(a) + len(r) for a, r in zip(admitted, refused)] == [25] * 8
-        # Per-client limit first (16 each), then the daemon-wide one: exactly 100 wait.
-        assert all(len(a) <= PER_CLIENT for a in admitted)
+        # The first client's own limit, then the daemon-wide one: exactly MAX_WAITING wait.
+        assert len(admitted[0]) == PER_CLIENT and all(len(a) <= PER_CLIENT for a in admitted)
+        assert all("max_waiting_per_client" in replies[0][rid][0]["message"] for rid in refused[0])
         assert sum(map(len, admitted)) == MAX_WAITING
-        assert any("max_waiting_per_client" in replies[0][rid][0]["message"] for rid in refused[0])
-        assert any("max_waiting " in got[rid][0]["message"] for got, no in zip(replies, refused) for rid in no)
+        assert any("max_waiting = " in got[rid][0]["message"] for got, no in zip(replies, refused) for rid in no)
 
         with daemon.home.client(idle_timeout=30) as client:
-            # The quick actor's info answers although 100 generations wait in it (more than the
-            # 64 calls an actor used to run at once), and the queue is as admission left it.
+            # The quick actor's info answers although more generations wait in it than the 64
+            # calls an actor used to run at once, and the queue is as admission left it.
             started = time.monotonic()
             status = client.status()
             took = time.monotonic() - started
             quick = next(a for a in status["actors"] if a["stage"] == "quick")
             assert "error" not in quick or quick["error"] is None, quick
-            assert quick["busy"] and quick["waiting"] >= MAX_WAITING - 5
+            assert quick["busy"] and quick["waiting"] > 64  # most of them reached it already
             assert took < 2.0
             assert status["queue"]["waiting"] <= MAX_WAITING and status["queue"]["max_waiting"] == MAX_WAITING
 
@@ -118,8 +127,9 @@ def test_200_questions_at_once_are_answered_or_refused_busy_and_control_answers_
             assert held["long"][-1]["at"] - cancelled < 2.0  # ~1 s, plus a loaded 2-core machine
 
         # Then everyone admitted is answered, in turn; no stage timed out while it waited.
+        # (~0.05 s each on a quiet machine; far more when other work shares the 2 cores.)
         for sock, got, yes in zip(clients, replies, admitted):
-            read(sock, got, lambda: all(got[rid][-1]["final"] for rid in yes), 300)
+            read(sock, got, lambda: all(got[rid][-1]["final"] for rid in yes), 600)
             for rid in yes:
                 done = [e for e in got[rid] if e["event"] == "done"]
                 assert len(done) == 1 and not [e for e in got[rid] if e["event"] == "error"], got[rid]
@@ -147,11 +157,11 @@ def daemon_rss(daemon):
 
 
 def test_a_client_that_stops_reading_is_dropped_and_others_are_answered(daemon):
-    # A small socket buffer and high-water mark: the client's replies back up into the daemon soon.
-    stalled = connect(daemon, RCVHWM=1, RCVBUF=4096)
+    # A small high-water mark: the client's replies back up into the daemon soon.
+    stalled = connect(daemon, RCVHWM=1)
     rss_before = daemon_rss(daemon)
     try:
-        ask(stalled, "essay", LONG, 1500)
+        ask(stalled, "essay", COUNTING, 1500)
         got = {}
         read(stalled, got, lambda: sum(e["event"] == "token" for e in got.get("essay", [])) >= 10, 120)
         stopped = time.monotonic()  # it reads nothing from now on
