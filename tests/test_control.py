@@ -179,6 +179,8 @@ def test_a_client_that_stops_reading_is_dropped_and_others_are_answered(daemon):
                 time.sleep(0.2)
                 status = client.status()
             assert peak <= BUFFER_MB * 2**20 + protocol.MAX_FRAME_BYTES
+            why = [line for line in daemon.home.paths.logfile.read_text().splitlines() if "dropped:" in line]
+            assert len(why) == 1 and ("client_stall_s" in why[0] or "client_buffer_mb" in why[0]), why
             assert status["clients"]["queued_bytes"] < 4096  # its replies were freed
             # Its generation was cancelled: the quick model is free at once.
             for _ in range(20):
