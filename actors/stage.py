@@ -16,6 +16,7 @@ a model failure, and always ends with one ``end`` item, so the actor survives a 
 generation and the caller always learns how the stage ended:
 
     {"accepted": n}                                                  the actor has the request; n ahead of it
+    {"turn": queued_s}                                               its turn on the model has come
     {"context": [memory ids]}                                        memories given to the model
     {"model": name, "cold": bool}                                    this model answers now (cold: not loaded yet)
     {"text": str, "logprob": float | None, "confidence": float}     one per token
@@ -24,9 +25,9 @@ generation and the caller always learns how the stage ended:
 
 ``accepted`` comes at once, before the request waits for its turn: a caller that does not get it
 soon knows the actor is not running (restarting, or waiting for a node), not merely busy.
-Every item after ``accepted`` but ``end`` comes while the request holds the model's turn (the
-caller learns from the first one that its question is generating, no longer waiting);
-``queued_s`` is how long it waited for its turn.
+``turn`` comes first on the model's turn, before anything that could take time (a caller times
+the stage from it, and knows its question no longer waits); a request cancelled while it waited
+gets no ``turn``, only its ``end``. ``queued_s`` is how long it waited for its turn.
 
 A model that fails before its first token hands over to the next one; once tokens have gone
 out, a failure ends the stage (a fallback would start the answer over).
@@ -200,6 +201,7 @@ class StageActor:
             turn = time.perf_counter()
             if has_turn:  # else withdrawn: cancelled while it waited, it ends now without its turn
                 try:
+                    yield {"turn": round(turn - started, 6)}
                     if memories and memory_tokens > 0:
                         with contextlib.suppress(ModelError):  # counting needs the model; a failing one is reported below
                             await self.backends[self.primary].load()

@@ -448,11 +448,11 @@ class Orchestrator:
             async with asyncio.timeout(None) as deadline:
                 stream = await self._open(actor, args, step, stream)
                 while (item := await self._next(stream, ask, has_turn)) is not None:
-                    if not has_turn and "end" not in item:  # every other item comes on the model's turn
+                    if "turn" in item:  # the model is ours: the stage's time starts
                         has_turn = True
                         ask.turns += 1
                         deadline.reschedule(loop.time() + step.timeout_s)
-                    if "text" in item:
+                    elif "text" in item:
                         if not pieces and on_first_token:
                             on_first_token()
                         pieces.append(item["text"])
