@@ -5,7 +5,8 @@ questions wait for the quick stage's model.
 One client holds the quick model with a long answer; N more questions (default 100, from
 N/16 connections; short, incognito, ``--stages quick``) queue behind it. Then, R times each:
 ``status`` (it asks every stage actor's ``info``), an ask beyond the limit (its ``busy``
-refusal), and a cancel of the last question in line (until its ``done``). Last, a cancel of the
+refusal), and a cancel of the last question in line (until its ``done``; a new question then
+takes its place). Last, a cancel of the
 long answer (until its ``done``: the model stops at its next token). Before the load, the first
 token of a question alone, for comparison with scripts/bench_spine.py.
 
@@ -69,6 +70,7 @@ def main() -> None:
             until(socks[n // 16], f"q{n}", "start")
         status_s, busy_s, cancel_s = [], [], []
         extra = connect(endpoint)
+        last = (socks[-1], f"q{args.waiting - 1}")
         with Client(endpoint, idle_timeout=60) as client:
             for r in range(args.repeat):
                 started = time.perf_counter()
@@ -81,13 +83,16 @@ def main() -> None:
                 refused = until(extra, f"x{r}", "error")
                 busy_s.append(time.perf_counter() - started)
                 assert refused["code"] == "busy", refused
-                last = args.waiting - 1 - r
-                sock = socks[last // 16]
+                sock, rid = last
                 started = time.perf_counter()
-                sock.send(protocol.request("cancel", f"c{r}", target=f"q{last}"))
-                done = until(sock, f"q{last}", "done")
+                sock.send(protocol.request("cancel", f"c{r}", target=rid))
+                done = until(sock, rid, "done")
                 cancel_s.append(time.perf_counter() - started)
                 assert done["cancelled"] is True
+                # Fill the place it left: the new question is now the last in line.
+                extra.send(protocol.request("ask", f"y{r}", text="Again?", stages=["quick"], memory=False))
+                until(extra, f"y{r}", "start")
+                last = (extra, f"y{r}")
             started = time.perf_counter()
             holder.send(protocol.request("cancel", "c-long", target="long"))
             done = until(holder, "long", "done")
