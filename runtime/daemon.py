@@ -56,6 +56,7 @@ class Daemon:
         self.learner: Any = None  # the Learner actor, when learning is on
         self.energy: Any = None  # the EnergyMonitor actor
         self.preloader: Any = None  # the Preloader actor: every model load and unload goes through it
+        self.server: Any = None  # the ZeroMQ Server, once bound
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -277,7 +278,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
 
-        server = self.server = None
+        server = None
         self.metrics = MetricsStore(self.paths.data / "metrics.sqlite3")
         here = Placement()  # the learner's data and the battery read are this machine's
         if self.config.memory.enabled:
