@@ -4,7 +4,8 @@ Every load decision goes through this actor; the stage actors only carry them ou
 
 * what is loaded: (actor key, model) -> when last used, the sizes coming from the manifest's
   ``size_mb`` (a model without one counts as 0);
-* pins: the (actor, model) pairs a running question needs. The budget evicts the least recently
+* pins: the (actor, model) pairs a running question needs (predicted by ``prepare``, then those
+  of its plan from ``need``, until ``release``). The budget evicts the least recently
   used pair that is not pinned; a stage actor also waits for its running generation before it
   unloads anything, so no model is ever unloaded mid-answer. When nothing can be evicted, the
   load goes ahead over budget (an answer matters more than the ceiling) and ``ps`` shows it;
@@ -22,7 +23,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections import Counter, defaultdict
+from collections import Counter, OrderedDict, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,9 @@ log = logging.getLogger("mirador.preloader")
 
 Pair = tuple[str, str]  # (actor key, model)
 P_TRIGGER, P_ROUTE = 0.9, 0.8
+# Released question ids remembered, so that a late prepare/need pins nothing. A call is late by
+# at most the calls in flight, which admission control bounds ([daemon] max_waiting) far below this.
+RELEASED_KEPT = 10_000
 
 
 def route_history(metrics_db: Path, stages: list[str]) -> dict[str, tuple[int, Counter[Pair]]]:
@@ -67,7 +71,9 @@ class Preloader:
         self.budget_mb = round(budget, 1)
         self.loaded: dict[Pair, float] = {}  # -> last used (monotonic)
         self.loading: dict[Pair, asyncio.Future[dict[str, Any]]] = {}
-        self.pins: dict[str, set[Pair]] = {}  # request id -> pairs it needs
+        self.predicted: dict[str, set[Pair]] = {}  # request id -> pairs ``prepare`` expects it to need
+        self.needed: dict[str, set[Pair]] = {}  # request id -> pairs its plan runs (wins over predicted)
+        self.released: OrderedDict[str, None] = OrderedDict()  # request ids already over, newest last
         self.load_s: dict[str, float] = {}  # model -> its last load time
         self.history = {route: (n, Counter(used)) for route, (n, used) in route_history(Path(metrics_db), list(config.stages)).items()}
         self._room = asyncio.Lock()
@@ -81,7 +87,9 @@ class Preloader:
         return round(sum(self._size(model) for _, model in self.loaded), 1)
 
     def _pinned(self) -> set[Pair]:
-        return set().union(*self.pins.values()) if self.pins else set()
+        pins = [*self.needed.values(), *(pairs for rid, pairs in self.predicted.items() if rid not in self.needed)]
+        return set().union(*pins)
+
 
     def _make_room(self, size: float, keep: Pair | None = None) -> list[Pair]:
         """Drop least recently used, unpinned pairs from the books until ``size`` more fits;
@@ -170,9 +178,11 @@ class Preloader:
         predictions = self.predict(text, profile)
         if not self.config.preload.enabled:
             return predictions
+        if request_id in self.released:  # came after its question was over: nothing to do
+            return predictions
         likely = [(p["actor"], p["model"]) for p in predictions if p["p"] >= self.config.preload.threshold]
         if request_id is not None:
-            self.pins[request_id] = set(likely)
+            self.predicted[request_id] = set(likely)
         for key, model in likely:
             if (key, model) not in self.loaded:
                 task = asyncio.ensure_future(self.ensure(key, model))
@@ -182,12 +192,18 @@ class Preloader:
 
     async def need(self, request_id: str, pairs: list[Pair]) -> None:
         """The pairs a question's plan runs: pin them for it and have them loaded."""
-        self.pins[request_id] = {tuple(p) for p in pairs}
-        await asyncio.gather(*(self.ensure(key, model) for key, model in self.pins[request_id]))
+        if request_id in self.released:  # came after its question was over: nothing to do
+            return
+        self.needed[request_id] = {tuple(p) for p in pairs}
+        await asyncio.gather(*(self.ensure(key, model) for key, model in self.needed[request_id]))
 
     async def release(self, request_id: str, route: str | None = None, used: list[Pair] = ()) -> None:
         """The question is over: unpin its pairs; learn which pairs its route class used."""
-        self.pins.pop(request_id, None)
+        self.predicted.pop(request_id, None)
+        self.needed.pop(request_id, None)
+        self.released[request_id] = None
+        while len(self.released) > RELEASED_KEPT:
+            self.released.popitem(last=False)
         now = time.monotonic()
         for pair in map(tuple, used):
             self.loaded[pair] = now  # a generation may have loaded it itself
@@ -237,4 +253,5 @@ class Preloader:
                              "size_mb": self._size(model), "node_id": i["node_id"], "pid": i["pid"],
                              "idle_s": round(now - self.loaded[pair], 1), "load_s": self.load_s.get(model),
                              "in_use": pair in pinned or i.get("generating") == model})
-        return {"budget_mb": self.budget_mb, "used_mb": self.used_mb(), "models": rows}
+        return {"budget_mb": self.budget_mb, "used_mb": self.used_mb(), "models": rows,
+                "pinned_by": len(self.predicted.keys() | self.needed.keys())}  # questions holding pins

@@ -1,8 +1,13 @@
 """``StageActor``: a Ray actor that owns a stage's models (primary, then fallbacks) and streams tokens.
 
-The actor is asynchronous, so ``cancel``, ``info``, ``load`` and ``unload`` are answered while a
-generation runs. Generations take turns (llama.cpp contexts are not re-entrant), and
-``unload`` waits for the running one: a model is never unloaded mid-generation.
+The actor is asynchronous. Generations take turns on the model (``Turns``: llama.cpp contexts are
+not re-entrant), first come, first served. Control never waits behind them: ``cancel``, ``info``,
+``load`` and ``unload`` run in their own Ray concurrency group, so they are not queued behind
+generation calls however many wait (Ray gives each group its own slots, thread and event loop);
+their work then runs on the model's loop, where every model and turn lives. ``load`` and
+``unload`` wait only for the running generation, not for the waiting ones (a model is never
+unloaded mid-generation). ``cancel`` takes a waiting generation out of the queue at once (it
+ends with ``cancelled``, without its turn) and stops a running one at its next token.
 
 ``load``/``unload`` take a model name; the ``Preloader`` decides which models are loaded.
 ``generate`` is a Ray streaming generator (call it with ``.options(num_returns="streaming")``).
@@ -11,6 +16,7 @@ a model failure, and always ends with one ``end`` item, so the actor survives a 
 generation and the caller always learns how the stage ended:
 
     {"accepted": n}                                                  the actor has the request; n ahead of it
+    {"turn": queued_s}                                               its turn on the model has come
     {"context": [memory ids]}                                        memories given to the model
     {"model": name, "cold": bool}                                    this model answers now (cold: not loaded yet)
     {"text": str, "logprob": float | None, "confidence": float}     one per token
@@ -19,8 +25,9 @@ generation and the caller always learns how the stage ended:
 
 ``accepted`` comes at once, before the request waits for its turn: a caller that does not get it
 soon knows the actor is not running (restarting, or waiting for a node), not merely busy.
-Requests take the model in arrival order (asyncio.Lock wakes its waiters first in, first out);
-``queued_s`` is how long this one waited for its turn.
+``turn`` comes first on the model's turn, before anything that could take time (a caller times
+the stage from it, and knows its question no longer waits); a request cancelled while it waited
+gets no ``turn``, only its ``end``. ``queued_s`` is how long it waited for its turn.
 
 A model that fails before its first token hands over to the next one; once tokens have gone
 out, a failure ends the stage (a fallback would start the answer over).
@@ -38,11 +45,20 @@ import ray
 from .backend import Backend, GenerationOptions, Messages, ModelError, make_backend
 from .confidence import ConfidenceTracker
 from .node import node_info
+from .turns import Turns
 
 MEMORY_HEADER = "From earlier conversations with this user (use only what is relevant):"
 
 
-@ray.remote(num_cpus=0, max_concurrency=64)
+# Generation calls that may be in the actor at once (waiting for their turn or generating). The
+# daemon's admission control ([daemon] max_waiting) keeps far fewer waiting; this is high so
+# that a call is never queued by Ray, where ``accepted`` could not answer at once and a cancel
+# could not reach it.
+GENERATIONS = 1000
+CONTROL = "control"  # the concurrency group of cancel, info, load and unload
+
+
+@ray.remote(num_cpus=0, max_concurrency=GENERATIONS, concurrency_groups={CONTROL: 16})
 class StageActor:
     def __init__(self, stage: str, models: list[dict[str, Any]], confidence_prior: float, system_prompt: str = ""):
         """``models``: manifest entries {name, backend, source, options}, primary first.
@@ -55,7 +71,10 @@ class StageActor:
             m["name"]: make_backend(m["name"], m["backend"], m["source"], m["options"]) for m in models
         }
         self.primary = models[0]["name"]
-        self._turn = asyncio.Lock()
+        # Ray runs __init__ on the default group's event loop, the one generate runs on: the
+        # model's loop. Control methods, on their own group's loop, hand their work to it.
+        self._loop = asyncio.get_running_loop()
+        self._turns = Turns()
         self._active: set[str] = set()  # requests waiting for their turn or generating
         self._cancelled: set[str] = set()  # a subset of _active
         self._generating: str | None = None  # the model generating now
@@ -67,11 +86,21 @@ class StageActor:
             raise ModelError(f"the {self.stage} actor does not run {name!r} (it runs {', '.join(self.backends)})")
         return self.backends[name]
 
+    async def _on_model_loop(self, coro: Any) -> Any:
+        """Run ``coro`` on the model's loop (control methods arrive on their own group's loop)."""
+        if asyncio.get_running_loop() is self._loop:
+            return await coro
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
+
+    @ray.method(concurrency_group=CONTROL)
     async def load(self, model: str | None = None) -> dict[str, Any]:
         """Load ``model`` (default: the primary) now; idempotent. Never raises for a model failure:
         returns {model, loaded, load_s, error}; the error is also kept for ``info``."""
+        return await self._on_model_loop(self._load(model))
+
+    async def _load(self, model: str | None) -> dict[str, Any]:
         backend = self._backend(model)
-        async with self._turn:
+        async with self._turns.urgent():
             started = time.perf_counter()
             try:
                 if not await backend.is_loaded():
@@ -87,10 +116,14 @@ class StageActor:
             return {"model": backend.name, "loaded": await backend.is_loaded(), "error": self.errors.get(backend.name),
                     "load_s": round(time.perf_counter() - started, 4)}
 
+    @ray.method(concurrency_group=CONTROL)
     async def unload(self, model: str | None = None) -> list[str]:
         """Unload ``model`` (default: every model). Waits for a running generation: a model is
         never unloaded mid-answer. Returns the models that were loaded and now are not."""
-        async with self._turn:
+        return await self._on_model_loop(self._unload(model))
+
+    async def _unload(self, model: str | None) -> list[str]:
+        async with self._turns.urgent():
             unloaded = []
             for backend in [self._backend(model)] if model else self.backends.values():
                 if await backend.is_loaded():
@@ -98,7 +131,11 @@ class StageActor:
                     unloaded.append(backend.name)
             return unloaded
 
+    @ray.method(concurrency_group=CONTROL)
     async def info(self) -> dict[str, Any]:
+        return await self._on_model_loop(self._info())
+
+    async def _info(self) -> dict[str, Any]:
         primary = self.backends[self.primary]
         return {
             "stage": self.stage,
@@ -110,15 +147,22 @@ class StageActor:
             "models": {name: await b.is_loaded() for name, b in self.backends.items()},
             "busy": self._generating is not None,
             "generating": self._generating,
+            "waiting": self._turns.waiting,
             "error": self.errors.get(self.primary),
             **node_info(),
         }
 
+    @ray.method(concurrency_group=CONTROL)
     async def cancel(self, request_id: str) -> bool:
-        """Stop (or never start) the generation for ``request_id``. Returns whether it was pending."""
+        """Stop the generation for ``request_id``: at once if it waits for its turn, at its next
+        token if it runs. Returns whether it was pending."""
+        return await self._on_model_loop(self._cancel(request_id))
+
+    async def _cancel(self, request_id: str) -> bool:
         if request_id not in self._active:
             return False
         self._cancelled.add(request_id)
+        self._turns.withdraw(request_id)
         return True
 
     def _with_memories(self, messages: Messages, memories: list[dict[str, Any]], budget: int) -> tuple[Messages, list[str]]:
@@ -152,9 +196,12 @@ class StageActor:
         self._active.add(request_id)
         try:
             yield {"accepted": len(self._active) - 1}
-            async with self._turn:
-                turn = time.perf_counter()
+            # Checked first: a cancel may have come between ``accepted`` and here.
+            has_turn = request_id not in self._cancelled and await self._turns.take(request_id)
+            turn = time.perf_counter()
+            if has_turn:  # else withdrawn: cancelled while it waited, it ends now without its turn
                 try:
+                    yield {"turn": round(turn - started, 6)}
                     if memories and memory_tokens > 0:
                         with contextlib.suppress(ModelError):  # counting needs the model; a failing one is reported below
                             await self.backends[self.primary].load()
@@ -191,6 +238,7 @@ class StageActor:
                             break  # failed mid-answer: a fallback would start the answer over
                 finally:
                     self._generating = None
+                    self._turns.give_back()
             decode_s = (last - first) if first and last and count > 1 else 0.0
             yield {
                 "end": True,

@@ -223,6 +223,14 @@ def _node_text(entry: dict[str, Any]) -> str:
     return f"  on {entry.get('hostname', '?')} ({entry.get('node_ip', '?')}) node {entry['node_id'][:12]}  pid {entry['pid']}"
 
 
+def _queue_text(queue: dict[str, Any], clients: dict[str, Any]) -> str:
+    text = (f"queue:   {queue['waiting']} waiting (at most {queue['max_waiting']}, {queue['max_waiting_per_client']} per "
+            f"client), {queue['generating']} generating")
+    if clients.get("queued_bytes") or clients.get("dropped"):
+        text += f"; {clients['queued_bytes'] / 1e3:.0f} kB of replies wait for slow clients, {clients['dropped']} dropped"
+    return text
+
+
 def _status_text(status: dict[str, Any]) -> str:
     up = int(status["uptime_s"])
     ray_how = "started by the daemon" if status.get("ray_started_here") else "joined"
@@ -240,12 +248,15 @@ def _status_text(status: dict[str, Any]) -> str:
                        if status["memory"].get("enabled") and not status["memory"].get("error")
                        else f"unavailable: {status['memory']['error']}" if status["memory"].get("error") else "off"),
         "power:   " + _power_text(status.get("power")),
+        *([_queue_text(status["queue"], status.get("clients") or {})] if status.get("queue") else []),
         "actors:",
     ]
     for actor in status["actors"]:
         state = "loaded" if actor.get("loaded") else "not loaded"
         if actor.get("busy"):
             state += ", generating"
+        if actor.get("waiting"):
+            state += f", {actor['waiting']} waiting"
         backend = actor.get("backend", "?") + (f" at {actor['server']}" if actor.get("server") else "")
         lines.append(f"  {actor['name']:<16} {actor.get('model', '?')} ({backend})  {state}{_node_text(actor)}")
         if actor.get("error"):

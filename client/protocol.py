@@ -82,19 +82,25 @@ Replies (daemon -> client)
                final); its next model (a fallback) is tried, else the stage is skipped and the
                ask still ends with ``done``.
     ``cancel`` ``ack`` {target, found} (final). The cancelled ask then ends with ``done``
-               whose ``cancelled`` is true.
+               whose ``cancelled`` is true: at once if it was waiting for a model, else
+               after its running stages' next token.
     ``status`` ``status`` {pid, version, uptime_s, ready, ray_address, ray_started_here,
                ray_namespace, actors: [{name, stage, model, fallbacks, backend, server, loaded,
-               busy, models: {name: loaded}, generating, placement, node_id, node_ip, hostname, pid}], memory: {enabled, memories,
+               busy, models: {name: loaded}, generating, waiting (generations waiting for the
+               model), placement, node_id, node_ip, hostname, pid}], memory: {enabled, memories,
                bytes, path, placement, node_id, node_ip, hostname, pid}, power {profile,
-               measured, forced, battery, sensor_error}, routes, chains} (final).
+               measured, forced, battery, sensor_error}, queue {waiting, generating,
+               in_flight, max_waiting, max_waiting_per_client}, clients {connected,
+               queued_bytes (replies waiting for slow clients), dropped, buffer_bytes,
+               stall_s}, routes, chains} (final).
     ``memory`` ``memory`` {records: [...]} or {forgotten: n} or {imported: n, skipped: n, ids:
                [the ids added]} (final).
     ``rate``   ``rated`` {query_id, type, plan, rating} (final).
     ``hint``   ``hint`` {predictions: [{actor, model, p, why, loaded}]} (final), at once: the
                loads go on in the background.
     ``models`` ``models`` (final): list {models: [{name, backend, source, size_mb, roles,
-               triggers, priority, actors, loaded_in, available}]}; ps {budget_mb, used_mb,
+               triggers, priority, actors, loaded_in, available}]}; ps {budget_mb, used_mb, pinned_by
+               (how many questions hold pins),
                models: [{model, actor, backend, size_mb, node_id, pid, idle_s, load_s, in_use}]};
                load {loaded: [{actor, model, loaded, load_s, evicted, error}]}; unload
                {unloaded: [actor keys]}.
@@ -112,7 +118,8 @@ Replies (daemon -> client)
     of the wrong type), ``too_large`` (a frame over MAX_FRAME_BYTES), ``unknown_type``,
     ``unknown_stage``, ``unknown_chain``, ``duplicate_id``, ``not_found``, ``memory_disabled``,
     ``learning_disabled``, ``unknown_model`` (not in the manifest), ``model_unused`` (no stage
-    or chain runs it), ``model_error`` (it would not load), ``memory_unavailable`` (after
+    or chain runs it), ``model_error`` (it would not load), ``busy`` (an ``ask`` beyond the
+    limits on waiting questions: see *Admission and control*), ``memory_unavailable`` (after
     ``done``: the exchange could not be stored), ``shutting_down``, ``internal``.
     Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
     backend lacks it), ``backend_unavailable`` (e.g. Ollama is not running), ``timeout`` and
@@ -120,11 +127,29 @@ Replies (daemon -> client)
     it was not back, or no node could hold it, within ``[ray] actor_wait_s``).
 
 Flow control
-    The daemon never drops a reply: its ROUTER socket uses ROUTER_MANDATORY, and when a client's
-    queue is full it waits instead of discarding: that client's answer reaches it later, while
-    the model finishes it at full speed (Ray buffers the stream) and then serves the next
-    question, so a slow client never holds up others. When a client goes away, its asks are
-    cancelled (noticed at the next frame sent to it; the model stops at its next token).
+    The daemon never drops a reply to a client that reads: its ROUTER socket uses
+    ROUTER_MANDATORY, and when a client's queue is full its replies wait in the daemon instead
+    of being discarded. The stages never wait for a client: the model finishes at its own speed
+    and turns to the next question, so a slow client never holds up others, and its slowness is
+    never counted in a stage's ``timeout_s``. A client that stops reading costs bounded memory:
+    once more than ``[daemon] client_buffer_mb`` of replies wait for it, or none has gone out for
+    ``[daemon] client_stall_s`` while some wait, it is dropped: its waiting replies are
+    discarded and its asks cancelled (the model generates nothing more for it); a later request
+    on the connection starts afresh. When a client goes away, its asks are cancelled (noticed at
+    the next frame sent to it; the model stops at its next token).
+
+Admission and control
+    A question *waits* from the moment it is admitted until one of its stages gets a model's
+    turn, and again whenever none of its stages holds one while some are still to run (e.g.
+    between its quick answer and its synthesis); a cancelled question no longer waits. An
+    ``ask`` that would make more than ``[daemon] max_waiting`` questions wait (daemon-wide), or
+    more than ``[daemon] max_waiting_per_client`` for its connection, is refused at once with one
+    final ``error`` {code: "busy", message} (like Ollama's 503 "server busy"): try again later,
+    or wait for (or cancel) the client's own questions first. ``status`` shows ``queue``.
+    Control is never queued behind work: a ``cancel`` ends a waiting question at once (its
+    ``done`` has ``cancelled`` true; its stages end with 0 tokens) and a generating one at its
+    next token; ``status``, ``models`` and the preloader's loads reach a stage's actor however
+    many generations wait in it.
 """
 
 from __future__ import annotations

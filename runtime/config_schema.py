@@ -122,6 +122,15 @@ _RAY_BUILTIN_RESOURCES = {"CPU", "GPU", "memory", "object_store_memory"}
 class DaemonSection(Table):
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     listen: str = ""  # a TCP endpoint for CurveZMQ clients besides the ipc socket; "" for none
+    # What one client, and all of them together, may hold of the daemon. A question *waits* from
+    # the moment it is admitted until one of its stages gets a model's turn, and again whenever
+    # none of its stages holds one while some are still to run (e.g. between its quick answer and
+    # its synthesis); a cancelled question no longer waits. An ask beyond either waiting limit is
+    # refused at once with a ``busy`` error.
+    max_waiting: Int = Field(64, ge=1)  # questions waiting, daemon-wide
+    max_waiting_per_client: Int = Field(16, ge=1)  # questions waiting, per client connection
+    client_buffer_mb: Float = Field(16.0, gt=0)  # replies queued for a client that does not read them, at most
+    client_stall_s: Seconds = 30.0  # how long a client may read nothing while replies wait for it
 
     @field_validator("listen")
     @classmethod
@@ -398,6 +407,10 @@ class Config(Table):
     @property
     def listen(self) -> str:
         return self.daemon.listen
+
+    @property
+    def limits(self) -> DaemonSection:  # max_waiting, max_waiting_per_client, client_buffer_mb, client_stall_s
+        return self.daemon
 
     @property
     def ray_address(self) -> str:

@@ -66,6 +66,7 @@ class Daemon:
         self.energy: Any = None  # the EnergyMonitor actor
         self.preloader: Any = None  # the Preloader actor: every model load and unload goes through it
         self.http: Any = None  # the HTTP API (http_server.HttpApi), unless [http] listen is off
+        self.server: Any = None  # the ZeroMQ Server, once bound
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -104,6 +105,8 @@ class Daemon:
             "actors": list(actors),
             "memory": memory,
             "power": self.orchestrator.power,  # status is served only once the orchestrator exists
+            "queue": self.orchestrator.queue(),
+            "clients": self.server.clients(),
             "routes": {kind: list(stages) for kind, stages in self.config.routes.items()},
             "chains": [{"name": c.name, "description": c.description, "steps": [f"{st.name} ({st.model})" for st in c.steps]}
                        for c in self.config.chains.values()],
@@ -227,8 +230,8 @@ class Daemon:
                         "loaded_in": [row["actor"] for row in loaded if row["model"] == spec.name], "available": available})
         return out
 
-    def new_ask(self, request: dict[str, Any]) -> Any:
-        return self.orchestrator.new_ask(request)
+    def new_ask(self, request: dict[str, Any], client: bytes) -> Any:
+        return self.orchestrator.new_ask(request, client)
 
     async def run_ask(self, ask: Any, emit: Any) -> None:
         await self.orchestrator.run(ask, emit)
@@ -367,7 +370,7 @@ class Daemon:
             watching = asyncio.ensure_future(self._watch_power())
             pruning = asyncio.ensure_future(self._prune())
             await self._await_loads(loads)
-            server = Server(self.paths.endpoint, self, self.tcp)
+            server = self.server = Server(self.paths.endpoint, self, self.tcp, self.config.limits)
             server.bind()
             if self.config.http.listen:
                 from .http_server import HttpApi

@@ -270,9 +270,11 @@ class AskRun:
 
     tasks: set[asyncio.Task[Any]] = set()  # asks still storing their exchange after their response
 
-    def __init__(self, daemon: Any, request: dict[str, Any]):
+    def __init__(self, daemon: Any, request: dict[str, Any], peer: str | None):
         self.daemon = daemon
-        self.ask = daemon.new_ask(request)  # raises ProtocolError: unknown stage, chain, model
+        # An HTTP client, for the per-client limit on waiting questions, is its address: a tool
+        # makes a connection per request, so a connection would not bound what it can queue.
+        self.ask = daemon.new_ask(request, f"http:{peer}".encode())  # raises ProtocolError: unknown stage, chain, model, busy
         self.answer = Answer(max_tokens=(request.get("options") or {}).get("max_tokens"))
 
     async def stream(self, write: Write) -> Answer:

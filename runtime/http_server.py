@@ -45,7 +45,7 @@ INCOGNITO_HEADER = "X-Mirador-Incognito"
 # ProtocolError codes -> HTTP status
 STATUS = {"bad_request": 400, "too_large": 413, "unknown_stage": 404, "unknown_chain": 404, "unknown_model": 404,
           "not_found": 404, "memory_disabled": 409, "learning_disabled": 409, "model_unused": 409,
-          "model_error": 502, "shutting_down": 503}
+          "model_error": 502, "shutting_down": 503, "busy": 503}
 
 
 class ApiError(Exception):

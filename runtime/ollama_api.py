@@ -236,7 +236,7 @@ async def _answer(request: web.Request, kind: str) -> web.StreamResponse:
         return web.json_response({"model": name, "created_at": now(), **empty, "done_reason": "unload" if unload else "load",
                                   "done": True})
     fields = ask_fields(selected, question, history, system, options.get("num_predict"), options.get("temperature"), private)
-    run = AskRun(daemon, fields)
+    run = AskRun(daemon, fields, request.remote)
 
     def chunk(parts: tuple[dict[str, Any], str, str]) -> dict[str, Any]:
         mirador, thinking, content = parts

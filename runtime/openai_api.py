@@ -50,7 +50,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     fields = ask_fields(selected, question, history, system, limit, body.get("temperature"),
                         incognito(request, body.get("incognito")))
-    run = AskRun(daemon, fields)
+    run = AskRun(daemon, fields, request.remote)
     created = int(time.time())
     completion_id = f"chatcmpl-{run.ask.query_id}"
 

@@ -72,7 +72,7 @@ class StepResult:
     stats: dict[str, Any]
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: the orchestrator keeps a set of them
 class Ask:
     """One question in flight."""
 
@@ -92,8 +92,17 @@ class Ask:
     history: list[dict[str, Any]] = field(default_factory=list)  # earlier turns: the client's, else the session's
     system: str = ""  # the client's own instructions, after each stage's system prompt
     cancelled: bool = False
+    stop: asyncio.Event = field(default_factory=asyncio.Event)  # set by a cancel: waiting steps end at once
     running: dict[str, Any] = field(default_factory=dict)  # step -> actor generating for it
     errors: list[dict[str, str]] = field(default_factory=list)  # {stage, model, code} for metrics
+    client: bytes = b""  # the connection that asked, for admission control
+    turns: int = 0  # how many of its stages hold a model's turn now
+    over: bool = False  # its stages have all finished
+
+    @property
+    def waiting(self) -> bool:
+        """Admitted, with stages still to run, none of them on a model now (see DaemonSection in config_schema.py)."""
+        return self.turns == 0 and not self.over and not self.cancelled
 
 
 def build_messages(system_prompt: str, question: str, previous: dict[str, str],
@@ -122,16 +131,46 @@ class Orchestrator:
         # daemon's shutdown waits for these (``drain``) before it stops the actors.
         self._writes: set[asyncio.Future[Any]] = set()
         self.power: dict[str, Any] = {"profile": "maximum"}  # the EnergyMonitor's last reading, kept fresh by the daemon
+        self.asks: set[Ask] = set()  # admitted and not over
         # What the learner chooses among: every routing stage set, then every chain.
         routed_plans = dict.fromkeys("+".join(stages) for stages in config.routes.values())
         self.candidate_plans = [*routed_plans, *(f"chain:{name}" for name in config.chains)]
 
+    # -- admission -----------------------------------------------------------------------
+    def queue(self) -> dict[str, Any]:
+        """How many questions wait and how many generate, against the limits (for ``status``)."""
+        limits = self.config.limits
+        waiting = sum(ask.waiting for ask in self.asks)
+        return {"waiting": waiting, "generating": sum(ask.turns > 0 for ask in self.asks), "in_flight": len(self.asks),
+                "max_waiting": limits.max_waiting, "max_waiting_per_client": limits.max_waiting_per_client}
+
+    def _admit(self, ask: Ask) -> None:
+        """Refuse the ask at once with ``busy`` when too many questions wait, else count it in."""
+        limits, rid = self.config.limits, ask.request_id
+        waiting = [a for a in self.asks if a.waiting]
+        if len(waiting) >= limits.max_waiting:
+            raise ProtocolError("busy", f"the daemon is busy: {len(waiting)} questions are waiting for a model "
+                                f"([daemon] max_waiting = {limits.max_waiting}); try again when some are answered", rid)
+        mine = sum(a.client == ask.client for a in waiting)
+        if mine >= limits.max_waiting_per_client:
+            raise ProtocolError("busy", f"this client has {mine} questions waiting for a model already ([daemon] "
+                                f"max_waiting_per_client = {limits.max_waiting_per_client}); wait for their answers "
+                                "or cancel some, then ask again", rid)
+        self.asks.add(ask)
+
     # -- planning ------------------------------------------------------------------------
-    def new_ask(self, request: dict[str, Any]) -> Ask:
+    def new_ask(self, request: dict[str, Any], client: bytes = b"") -> Ask:
+        """Plan a question; raises ProtocolError for a bad request, or ``busy`` (see ``_admit``).
+        The ask counts as admitted until ``run`` ends (run it)."""
+        ask = self._model_ask(request) if request.get("model") else self._planned_ask(request)
+        ask.client = client
+        self._admit(ask)
+        return ask
+
+    def _planned_ask(self, request: dict[str, Any]) -> Ask:
+        """A question answered by stages: the router's plan, the stages requested, or a chain."""
         rid, text = request["id"], request["text"]
-        chain, requested, alone = request.get("chain"), request.get("stages"), request.get("model")
-        if alone:
-            return self._model_ask(request)
+        chain, requested = request.get("chain"), request.get("stages")
         if chain and chain not in self.config.chains:
             raise ProtocolError("unknown_chain", f"unknown chain {chain!r}; configured chains: {', '.join(self.config.chains) or 'none'}", rid)
         unknown = [s for s in requested or () if s not in self.config.stages]
@@ -197,7 +236,9 @@ class Orchestrator:
                     options.get("max_tokens", 256), options.get("temperature", 0.5), 300.0, memory=True)
 
     def cancel(self, ask: Ask) -> None:
+        """Stop the question: a step waiting for its model ends now, a generating one at its next token."""
         ask.cancelled = True
+        ask.stop.set()
         for actor in ask.running.values():
             actor.cancel.remote(ask.query_id)
 
@@ -207,6 +248,7 @@ class Orchestrator:
         try:
             await self._run(ask, emit, used)
         finally:
+            self.asks.discard(ask)
             if self.preloader is not None:
                 self.preloader.release.remote(ask.query_id, ask.route.kind if ask.routed else None, used)
 
@@ -234,6 +276,7 @@ class Orchestrator:
                 if ask.cancelled:
                     break
                 results[step.name] = await self._run_step(step, ask, emit, dict((k, r.text) for k, r in results.items()))
+        ask.over = True
         steps = {s.name: s for s in ask.steps}
         used += [(steps[name].actor_key, r.stats["model"]) for name, r in results.items() if r.stats.get("tokens")]
         metrics = {"duration_s": round(time.perf_counter() - started, 6),
@@ -434,6 +477,27 @@ class Orchestrator:
             f"skipped after {self.config.actor_wait_s:g} s{why}"
         )
 
+    @staticmethod
+    async def _next(stream: Any, ask: Ask, has_turn: bool) -> dict[str, Any] | None:
+        """The stream's next item; None at its end, or at once when the question is cancelled
+        while its step waits for the model (the generation is cancelled by the caller)."""
+        async def read() -> dict[str, Any] | None:
+            try:
+                return await (await anext(stream))
+            except StopAsyncIteration:
+                return None
+
+        if has_turn or ask.cancelled:
+            return None if ask.cancelled and not has_turn else await read()
+        reading, stopping = asyncio.ensure_future(read()), asyncio.ensure_future(ask.stop.wait())
+        try:
+            await asyncio.wait((reading, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+            if not reading.done():
+                reading.cancel()
+        return reading.result() if reading.done() and not reading.cancelled() else None
+
     async def _run_step(self, step: Step, ask: Ask, emit: Emit, previous: dict[str, str],
                         on_first_token: Callable[[], None] | None = None) -> StepResult:
         actor = self.actors[step.actor_key]
@@ -454,13 +518,21 @@ class Orchestrator:
                 ask.memories if remembered else None, self.config.memory.context_tokens)
         # The actor starts on the prompt first; the stage_start frame goes out while it works.
         stream = self._generate(actor, args)
+        loop = asyncio.get_running_loop()
+        asked = loop.time()
+        has_turn = False
         try:
             await emit("stage_start", stage=step.name, model=model)
-            async with asyncio.timeout(step.timeout_s):
+            # The stage's time (timeout_s) starts with its model's turn: waiting behind other
+            # questions is queued_s, and emit never waits for the client (see server.Outbox).
+            async with asyncio.timeout(None) as deadline:
                 stream = await self._open(actor, args, step, stream)
-                async for ref in stream:
-                    item = await ref
-                    if "text" in item:
+                while (item := await self._next(stream, ask, has_turn)) is not None:
+                    if "turn" in item:  # the model is ours: the stage's time starts
+                        has_turn = True
+                        ask.turns += 1
+                        deadline.reschedule(loop.time() + step.timeout_s)
+                    elif "text" in item:
                         if not pieces and on_first_token:
                             on_first_token()
                         pieces.append(item["text"])
@@ -486,10 +558,13 @@ class Orchestrator:
                         f"node went away: {type(exc).__name__}); Ray restarts it for the next question", model)
         finally:
             ask.running.pop(step.name, None)
-            if end is None:  # timed out, the client went away, or we failed: stop the model.
+            ask.turns -= has_turn
+            if end is None:  # cancelled while waiting, timed out, the client went away, or we failed: stop the model.
                 # ray.cancel interrupts the actor's coroutine wherever it waits, so a backend that
                 # hangs (a stalled server) cannot keep the model's turn from the next question.
                 ray.cancel(stream)
+        if end is None and ask.cancelled and not has_turn:  # ended here, at once, without waiting for the actor
+            end = {"tokens": 0, "cancelled": True, "queued_s": round(loop.time() - asked, 6)}
         stats = {k: v for k, v in (end or {"tokens": len(pieces)}).items() if k not in ("end", "model")}
         stats.setdefault("cancelled", ask.cancelled)
         await emit("stage_end", stage=step.name, model=model, **stats)

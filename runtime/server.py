@@ -1,4 +1,5 @@
-"""The daemon's ZeroMQ front door: one ROUTER socket, many concurrent clients, nothing dropped.
+"""The daemon's ZeroMQ front door: one ROUTER socket, many concurrent clients; no reply is dropped
+for a client that reads, and one that stops reading is dropped past an allowance (see Outbox).
 
 Requests are decoded and validated by ``mirador.client.protocol``; a bad frame gets an ``error``
 reply and the loop goes on. Every ask runs as its own task, so clients do not wait for each
@@ -21,8 +22,13 @@ from mirador.client import protocol
 from mirador.client.protocol import ProtocolError
 
 from .access import TcpAccess, bind_tcp
+from .config_schema import DaemonSection
 
 log = logging.getLogger("mirador.server")
+
+# ZeroMQ's own queue for each client counts messages, not bytes: keep it short, so that what
+# waits for a slow client waits in its Outbox, counted in bytes against [daemon] client_buffer_mb.
+SEND_HWM = 100
 
 # Frames up to this size are read and answered with `too_large`; ZeroMQ drops the connection of
 # a peer that sends anything bigger, so a hostile client cannot make the daemon buffer gigabytes.
@@ -46,27 +52,33 @@ class App(Protocol):
     async def learn(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
     async def hint(self, request: dict[str, Any]) -> dict[str, Any]: ...
     async def models_op(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
-    def new_ask(self, request: dict[str, Any]) -> Any: ...  # raises ProtocolError
+    def new_ask(self, request: dict[str, Any], client: bytes) -> Any: ...  # raises ProtocolError (``busy`` too)
     async def run_ask(self, ask: Any, emit: Emit) -> None: ...
     def cancel_ask(self, ask: Any) -> None: ...
 
 
 class Outbox:
-    """Replies to one client, in order. A full queue at the client waits; it is never dropped.
+    """Replies to one client, in order; sending never waits for the client.
 
     The fast path sends at once. When the client's ZeroMQ queue is full (zmq.Again under
-    ROUTER_MANDATORY), replies wait here, a drainer retries with backoff, and once too many
-    wait, ``send`` blocks its caller: a slow client slows only its own asks.
+    ROUTER_MANDATORY), replies wait here and a drainer retries with backoff. ``send`` itself
+    never blocks, so a slow client is never counted in a stage's time (the model answers at its
+    own speed, and turns to the next question). A client that reads nothing costs bounded
+    memory: once more than ``max_bytes`` wait here, or none has gone out for ``stall_s`` while
+    some wait, the client is dropped: its replies are freed, ``on_drop`` runs (the server cancels
+    its asks, so the model generates nothing more for it) and every later send raises PeerGone.
     """
 
-    HIGH_WATER = 2000
-
-    def __init__(self, sock: zmq.asyncio.Socket, ident: bytes):
+    def __init__(self, sock: zmq.asyncio.Socket, ident: bytes, max_bytes: int = 16 << 20, stall_s: float = 30.0,
+                 on_drop: Callable[[str], None] | None = None):
         self._sock, self._ident = sock, ident
+        self.max_bytes, self.stall_s, self._on_drop = max_bytes, stall_s, on_drop
         self._queue: deque[bytes] = deque()
+        self.queued_bytes = 0
+        self._since = 0.0  # loop time of the last reply that went out, or when replies began to wait
         self._drainer: asyncio.Task[None] | None = None
-        self._progress = asyncio.Event()
         self.gone = False
+        self.dropped: str | None = None  # why the daemon dropped the client, if it did
 
     @property
     def idle(self) -> bool:
@@ -75,21 +87,30 @@ class Outbox:
     async def send(self, payload: bytes) -> None:
         if self.gone:
             raise PeerGone()
-        if not self._queue and self._try_send(payload):
-            return
+        if not self._queue:
+            if self._try_send(payload):
+                return
+            self._since = asyncio.get_running_loop().time()  # the first to wait: the stall clock starts
         self._queue.append(payload)
+        self.queued_bytes += len(payload)
+        if self.queued_bytes > self.max_bytes:
+            self._drop(f"{self.queued_bytes} bytes of replies waited for it ([daemon] client_buffer_mb)")
+            raise PeerGone()
         if self._drainer is None:
             self._drainer = asyncio.create_task(self._drain())
-        while len(self._queue) > self.HIGH_WATER and not self.gone:
-            self._progress.clear()
-            await self._progress.wait()
-        if self.gone:
-            raise PeerGone()
 
     def send_nowait(self, payload: bytes) -> None:
         """Best effort, for the last words of a shutting-down daemon."""
         if not self.gone and not self._queue:
             self._try_send(payload)
+
+    def _drop(self, why: str) -> None:
+        """Forget the client's replies; later sends raise PeerGone."""
+        self.gone, self.dropped = True, why
+        self._queue.clear()
+        self.queued_bytes = 0
+        if self._on_drop is not None:
+            self._on_drop(why)
 
     def _try_send(self, payload: bytes) -> bool:
         try:
@@ -101,19 +122,21 @@ class Outbox:
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
-            self.gone = True
-            self._queue.clear()
-            self._progress.set()
+            self._drop("it disconnected")
             raise PeerGone() from None
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         delay = 0.001
         try:
             while self._queue:
                 if self._try_send(self._queue[0]):
-                    self._queue.popleft()
-                    self._progress.set()
+                    self.queued_bytes -= len(self._queue.popleft())
+                    self._since = loop.time()
                     delay = 0.001
+                elif loop.time() - self._since > self.stall_s:
+                    self._drop(f"it read nothing for {self.stall_s:g} s with {self.queued_bytes} bytes of replies "
+                               "waiting ([daemon] client_stall_s)")
                 else:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 0.05)
@@ -124,10 +147,12 @@ class Outbox:
 
 
 class Server:
-    def __init__(self, endpoint: str, app: App, tcp: TcpAccess | None = None):
+    def __init__(self, endpoint: str, app: App, tcp: TcpAccess | None = None, limits: DaemonSection = DaemonSection()):
         self.endpoint = endpoint  # the ipc socket
         self.app = app
         self.tcp = tcp  # also a TCP endpoint, for CurveZMQ clients only (see access.py)
+        self.limits = limits
+        self.dropped = 0  # clients dropped for reading nothing
         self._ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._authenticator: AsyncioAuthenticator | None = None
@@ -138,6 +163,7 @@ class Server:
     def bind(self) -> None:
         sock = self._ctx.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unroutable/full peers raise instead of dropping
+        sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         sock.setsockopt(zmq.MAXMSGSIZE, HARD_FRAME_LIMIT)
         sock.setsockopt(zmq.LINGER, 0)
         if self.endpoint.startswith("ipc://"):
@@ -153,12 +179,35 @@ class Server:
         assert self._sock is not None, "bind() first"
         while True:
             ident, *frames = await self._sock.recv_multipart(copy=True)
-            outbox = self._outboxes.get(ident) or self._outboxes.setdefault(ident, Outbox(self._sock, ident))
+            outbox = self._outboxes.get(ident) or self._outbox(ident)
             try:
                 self._dispatch(ident, outbox, protocol.parse_request(frames))
             except ProtocolError as exc:
-                log.info("bad request from client %s: %s", ident.hex(), exc.message)
+                log.info("%s from client %s: %s", "refused (busy)" if exc.code == "busy" else "bad request",
+                         ident.hex(), exc.message)
                 self._reply_soon(ident, outbox, protocol.error_reply(exc))
+
+    def _outbox(self, ident: bytes) -> Outbox:
+        assert self._sock is not None
+        outbox = Outbox(self._sock, ident, int(self.limits.client_buffer_mb * 2**20), self.limits.client_stall_s,
+                        on_drop=lambda why: self._dropped(ident, why))
+        self._outboxes[ident] = outbox
+        return outbox
+
+    def _dropped(self, ident: bytes, why: str) -> None:
+        """A client went away or was dropped: stop everything it asked for."""
+        if why != "it disconnected":
+            self.dropped += 1
+            log.warning("client %s dropped: %s; its asks are cancelled", ident.hex(), why)
+        for (owner, _), (ask, _) in list(self._asks.items()):
+            if owner == ident:
+                self.app.cancel_ask(ask)
+
+    def clients(self) -> dict[str, Any]:
+        """The clients with replies or asks in the daemon, and what waits for them (for ``status``)."""
+        return {"connected": len(self._outboxes), "queued_bytes": sum(o.queued_bytes for o in self._outboxes.values()),
+                "dropped": self.dropped, "buffer_bytes": int(self.limits.client_buffer_mb * 2**20),
+                "stall_s": self.limits.client_stall_s}
 
     def _dispatch(self, ident: bytes, outbox: Outbox, request: dict[str, Any]) -> None:
         rid, type_ = request["id"], request["type"]
@@ -186,7 +235,7 @@ class Server:
         elif type_ == "ask":
             if (ident, rid) in self._asks:
                 raise ProtocolError("duplicate_id", f"an ask with id {rid!r} is still running on this connection", rid)
-            ask = self.app.new_ask(request)
+            ask = self.app.new_ask(request, ident)
             task = self._spawn(self._ask(ident, outbox, rid, ask))
             self._asks[(ident, rid)] = (ask, task)
 
