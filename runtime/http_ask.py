@@ -33,6 +33,7 @@ from mirador.client import protocol
 from mirador.client.protocol import ProtocolError
 
 from .http_server import ApiError
+from .server import PeerGone
 
 log = logging.getLogger("mirador.http")
 
@@ -289,7 +290,13 @@ class AskRun:
                 finished.set_exception(ApiError(STATUS_OF_ERROR.get(fields.get("code"), 500), fields["message"],
                                                 fields.get("code")))
                 return
-            await write(event, parts)
+            # A client that reads nothing blocks the write once the socket's buffers fill: past the
+            # allowance it is dropped like a ZeroMQ client, and its stages stop.
+            try:
+                await asyncio.wait_for(write(event, parts), self.daemon.config.limits.client_stall_s)
+            except TimeoutError:
+                log.warning("HTTP client read nothing for %g s; dropped", self.daemon.config.limits.client_stall_s)
+                raise PeerGone() from None
             if event == "done":
                 finished.set_result(answer)
 
