@@ -118,7 +118,7 @@ Replies (daemon -> client)
     of the wrong type), ``too_large`` (a frame over MAX_FRAME_BYTES), ``unknown_type``,
     ``unknown_stage``, ``unknown_chain``, ``duplicate_id``, ``not_found``, ``memory_disabled``,
     ``learning_disabled``, ``unknown_model`` (not in the manifest), ``model_unused`` (no stage
-    or chain runs it), ``model_error`` (it would not load), ``busy`` (an ``ask`` beyond the
+    or chain runs it), ``model_error`` (it would not load), ``busy`` (an ask beyond the
     limits on waiting questions: see *Admission and control*), ``memory_unavailable`` (after
     ``done``: the exchange could not be stored), ``shutting_down``, ``internal``.
     Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
