@@ -99,13 +99,18 @@ def test_200_questions_at_once_are_answered_or_refused_busy_and_control_answers_
         with daemon.home.client(idle_timeout=30) as client:
             # The quick actor's info answers although more generations wait in it than the 64
             # calls an actor used to run at once, and the queue is as admission left it.
-            started = time.monotonic()
-            status = client.status()
-            took = time.monotonic() - started
-            quick = next(a for a in status["actors"] if a["stage"] == "quick")
-            assert "error" not in quick or quick["error"] is None, quick
-            assert quick["busy"] and quick["waiting"] > 64  # most of them reached it already
-            assert took < 2.0
+            # The admitted calls reach the actor over a moment; every status meanwhile answers at once.
+            deadline = time.monotonic() + 15
+            while True:
+                started = time.monotonic()
+                status = client.status()
+                assert time.monotonic() - started < 2.0
+                quick = next(a for a in status["actors"] if a["stage"] == "quick")
+                assert "error" not in quick or quick["error"] is None, quick
+                if quick["waiting"] > 64 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert quick["busy"] and quick["waiting"] > 64, quick
             assert status["queue"]["waiting"] <= MAX_WAITING and status["queue"]["max_waiting"] == MAX_WAITING
 
             # A cancel of the last question in line ends it now, not when its turn comes.
