@@ -135,18 +135,20 @@ def ask_fields(selected: dict[str, Any], question: str, history: list[dict[str, 
         raise ApiError(400, exc.message.replace("'options.", "'"), code=exc.code) from None
 
 
-def load_targets(daemon: Any, selected: dict[str, Any]) -> list[str]:
-    """The manifest models an empty chat loads (or ``keep_alive: 0`` unloads): each stage's first model."""
+def models_of(daemon: Any, selected: dict[str, Any], first_only: bool = False) -> list[str]:
+    """The manifest models an API model may run: every model of its stages (or, ``first_only``,
+    each stage's first model: what an empty chat loads and ``keep_alive: 0`` unloads)."""
     config = daemon.config
     if "model" in selected:
         return [selected["model"]]
     if "chain" in selected:
         return list(dict.fromkeys(step.model for step in config.chains[selected["chain"]].steps))
-    return list(dict.fromkeys(config.stages[s].models[0] for s in selected.get("stages", config.stages)))
+    stages = selected.get("stages") or list(config.stages)
+    return list(dict.fromkeys(m for s in stages for m in config.stages[s].models[:1 if first_only else None]))
 
 
 async def load_or_unload(daemon: Any, selected: dict[str, Any], unload: bool) -> None:
-    for name in load_targets(daemon, selected):
+    for name in models_of(daemon, selected, first_only=True):
         request = {"id": f"http-{next(_ids)}", "type": "models", "op": "unload" if unload else "load", "name": name}
         await daemon.models_op(request)
 

@@ -21,7 +21,8 @@ from typing import Any
 from aiohttp import web
 
 from . import gguf_meta
-from .http_ask import EMBED_MODEL, AskRun, ask_fields, conversation, load_or_unload, offered, resolve, stream_response
+from .http_ask import (EMBED_MODEL, AskRun, ask_fields, conversation, load_or_unload, models_of, offered, resolve,
+                       stream_response)
 from .http_server import ApiError, incognito, json_body
 
 OLLAMA_API_LEVEL = "0.9.0"  # the Ollama release whose API shapes these follow (chat thinking appeared in 0.9)
@@ -63,19 +64,9 @@ def _manifest_facts(daemon: Any, name: str) -> dict[str, Any]:
     return facts
 
 
-def _used_models(daemon: Any, selected: dict[str, Any]) -> list[str]:
-    config = daemon.config
-    if "model" in selected:
-        return [selected["model"]]
-    if "chain" in selected:
-        return list(dict.fromkeys(step.model for step in config.chains[selected["chain"]].steps))
-    stages = selected.get("stages") or list(config.stages)
-    return list(dict.fromkeys(m for s in stages for m in config.stages[s].models))
-
-
 def describe(daemon: Any, name: str, selected: dict[str, Any]) -> dict[str, Any]:
     """One /api/tags entry. A pipeline's size is the sum of the distinct models it may run."""
-    facts = [_manifest_facts(daemon, m) for m in _used_models(daemon, selected)]
+    facts = [_manifest_facts(daemon, m) for m in models_of(daemon, selected)]
     alone = "model" in selected
     families = list(dict.fromkeys(f["family"] for f in facts if f["family"]))
     quants = {f["quantization"] for f in facts}
@@ -331,7 +322,7 @@ async def pull(request: web.Request) -> web.StreamResponse:
     body = await json_body(request)
     name, selected = resolve(daemon, body.get("model", body.get("name")))
     stream = _flag(body, "stream", True)
-    specs = [daemon.config.models[m] for m in _used_models(daemon, selected)]
+    specs = [daemon.config.models[m] for m in models_of(daemon, selected)]
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
 
