@@ -272,14 +272,21 @@ async def _answer(request: web.Request, kind: str) -> web.StreamResponse:
     return response
 
 
-async def embed(request: web.Request) -> web.Response:
+async def embedding_input(request: web.Request) -> tuple[Any, dict[str, Any], str, list[str] | None]:
+    """What Ollama's and OpenAI's embedding requests share: the daemon, the body, the model's name
+    (checked), and ``input`` as a list of strings (None when it is neither a string nor such a list)."""
     daemon = request.app["daemon"]
     body = await json_body(request)
     name = _embedding_model(daemon, body.get("model"))
     texts = body.get("input")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+    texts = [texts] if isinstance(texts, str) else texts
+    ok = isinstance(texts, list) and all(isinstance(t, str) for t in texts)
+    return daemon, body, name, texts if ok else None
+
+
+async def embed(request: web.Request) -> web.Response:
+    daemon, _, name, texts = await embedding_input(request)
+    if texts is None:
         raise ApiError(400, "'input' must be a string or a list of strings")
     started = asyncio.get_running_loop().time()
     vectors = await embeddings(daemon, texts)

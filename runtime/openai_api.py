@@ -20,7 +20,7 @@ from aiohttp import web
 
 from .http_ask import EMBED_MODEL, AskRun, ask_fields, conversation, offered, resolve, stream_response
 from .http_server import ApiError, incognito, json_body
-from .ollama_api import _embedding_model, embeddings
+from .ollama_api import embedding_input, embeddings
 
 
 async def models(request: web.Request) -> web.Response:
@@ -104,13 +104,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def embeddings_v1(request: web.Request) -> web.Response:
-    daemon = request.app["daemon"]
-    body = await json_body(request)
-    name = _embedding_model(daemon, body.get("model"))
-    texts = body.get("input")
-    if isinstance(texts, str):
-        texts = [texts]
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+    daemon, body, name, texts = await embedding_input(request)
+    if not texts:
         raise ApiError(400, "'input' must be a string or a non-empty list of strings (token arrays are not supported)",
                        param="input")
     encoding = body.get("encoding_format") or "float"
