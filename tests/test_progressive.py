@@ -59,9 +59,10 @@ def test_complex_question_runs_all_stages_with_deep_overlapping_quick(daemon):
     assert {t["stage"] for t in tokens} == {"quick", "deep", "synthesis"}
     ends, starts = by_stage(events, "stage_end"), by_stage(events, "stage_start")
     first = {s: next(t["t"] for t in tokens if t["stage"] == s) for s in ("quick", "deep", "synthesis")}
-    # deep waits for quick's first token, then runs while quick is still answering ...
+    # deep waits for quick's first token, then starts while quick is still answering. (When deep's
+    # first token comes depends on how busy the machine's two cores are: CI once saw it 0.1 s after
+    # quick ended, so only the start is asserted.)
     assert first["quick"] <= starts["deep"]["t"] < ends["quick"]["t"]
-    assert first["deep"] < ends["quick"]["t"]
     # ... and synthesis starts once both have finished (it receives their answers).
     assert starts["synthesis"]["t"] >= max(ends["quick"]["t"], ends["deep"]["t"])
     for stage in ("quick", "deep", "synthesis"):
