@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 
 class ModelError(Exception):
@@ -39,6 +39,7 @@ class GenerationOptions:
 
     max_tokens: int = 256
     temperature: float = 0.7
+    seed: int | None = None  # None: the backend's own
 
 
 Messages = list[dict[str, str]]  # chat messages: {"role": ..., "content": ...}
@@ -66,8 +67,21 @@ class Backend(abc.ABC):
         """Whether the model is in memory now."""
 
     @abc.abstractmethod
-    def stream(self, messages: Messages, options: GenerationOptions) -> AsyncIterator[Token]:
-        """Stream the reply; closing the iterator stops generation. Raises ModelError."""
+    def stream(self, messages: Messages, options: GenerationOptions,
+               should_stop: Callable[[], bool] | None = None) -> AsyncIterator[Token]:
+        """Stream the reply; closing the iterator stops generation, and so does ``should_stop()``
+        turning true (checked before each token, on whatever thread generates). Raises ModelError."""
+
+    # How the last ``stream`` used its prompt: {"prompt_tokens", "reused_tokens" (found already
+    # evaluated in the model's cache)}; empty where the backend does not know.
+    prompt_stats: dict[str, int] = {}
+
+    async def prefill(self, messages: Messages, should_stop: Callable[[], bool], chunk: int) -> dict[str, Any] | None:
+        """Evaluate ``messages``' prompt into the model's cache up to the end of the last message's
+        text (what the user has typed of it so far), ``chunk`` tokens at a time, stopping between
+        chunks once ``should_stop()``; returns {tokens, reused, evaluated, eval_s, stopped}. None:
+        this backend keeps no prompt cache that we can fill (Ollama's is its own)."""
+        return None
 
     @property
     def server(self) -> str | None:

@@ -19,7 +19,8 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, AsyncIterator
+import time
+from typing import Any, AsyncIterator, Callable
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .backend import Backend, GenerationOptions, Messages, ModelError, Token, Un
 
 PACKAGE_PREFIX = "package:"
 _END = object()
+_CUT = "\u2063\u2063cut\u2063\u2063"  # marks where a prefill's prompt ends (invisible separators: no template strips them)
 
 
 def resolve_source(source: str) -> Path:
@@ -153,7 +155,41 @@ class LlamaCppBackend(Backend):
         formatted = self._formatter(messages=messages)
         return self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
 
-    async def stream(self, messages: Messages, options: GenerationOptions) -> AsyncIterator[Token]:
+    def _common_prefix(self, tokens: list[int]) -> int:
+        """How many of ``tokens`` the model's context holds already (llama-cpp-python reuses the
+        longest common prefix of the previous evaluation)."""
+        common = 0
+        for a, b in zip(self._llm.input_ids[:self._llm.n_tokens], tokens):
+            if a != b:
+                break
+            common += 1
+        return common
+
+    async def prefill(self, messages: Messages, should_stop: Callable[[], bool], chunk: int) -> dict[str, Any]:
+        await self.load()
+        # The prompt up to the end of the last message's text: the template's closing tokens and
+        # the assistant's header come only once the question is complete.
+        *before, last = messages
+        formatted = self._formatter(messages=[*before, {**last, "content": last["content"] + _CUT}])
+        prompt = formatted.prompt[:formatted.prompt.rfind(_CUT)]
+        tokens = self._llm.tokenize(prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+        return await self._on_llama_thread(self._prefill, tokens[:self.n_ctx - 1], should_stop, chunk)
+
+    def _prefill(self, tokens: list[int], should_stop: Callable[[], bool], chunk: int) -> dict[str, Any]:
+        llm, started = self._llm, time.perf_counter()
+        reused = self._common_prefix(tokens)
+        llm.n_tokens = reused  # eval drops the cache beyond this point first
+        stopped = False
+        for at in range(reused, len(tokens), chunk):
+            if should_stop():
+                stopped = True
+                break
+            llm.eval(tokens[at:at + chunk])
+        return {"tokens": len(tokens), "reused": reused, "evaluated": llm.n_tokens - reused,
+                "eval_s": round(time.perf_counter() - started, 6), "stopped": stopped}
+
+    async def stream(self, messages: Messages, options: GenerationOptions,
+                     should_stop: Callable[[], bool] | None = None) -> AsyncIterator[Token]:
         await self.load()
         tokens = self.prompt_tokens(messages)
         room = self.n_ctx - len(tokens)
@@ -171,10 +207,14 @@ class LlamaCppBackend(Backend):
             probe = _LogprobProbe()
             decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
             pending_logprob = 0.0
+            # generate re-evaluates the last prompt token when it has them all (for its logits)
+            self.prompt_stats = {"prompt_tokens": len(tokens), "reused_tokens": min(self._common_prefix(tokens), len(tokens) - 1)}
+            if options.seed is not None:
+                llm.set_seed(options.seed)
             generator = llm.generate(tokens, temp=options.temperature, repeat_penalty=1.0, logits_processor=[probe])
             try:
                 for n, token in enumerate(generator):
-                    if stop.is_set() or token in eog or n >= max_tokens:
+                    if stop.is_set() or token in eog or n >= max_tokens or (should_stop is not None and should_stop()):
                         break
                     pending_logprob += probe.logprob(token) or 0.0
                     # A token may end mid-way through a UTF-8 character: hold it until complete.

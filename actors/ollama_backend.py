@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import httpx
 import ollama
@@ -72,8 +72,11 @@ class OllamaBackend(Backend):
             return False
         return any(m.model == self.source or m.name == self.source for m in running.models)
 
-    async def stream(self, messages: Messages, options: GenerationOptions) -> AsyncIterator[Token]:
+    async def stream(self, messages: Messages, options: GenerationOptions,
+                     should_stop: Callable[[], bool] | None = None) -> AsyncIterator[Token]:
         opts: dict[str, Any] = {"num_predict": options.max_tokens, "temperature": options.temperature}
+        if options.seed is not None:
+            opts["seed"] = options.seed
         if self.num_ctx:
             opts["num_ctx"] = self.num_ctx
         parts = await self._request(messages=messages, stream=True, options=opts, keep_alive=self.keep_alive, logprobs=True)
@@ -82,6 +85,8 @@ class OllamaBackend(Backend):
                 text = part.message.content or ""
                 # Servers without logprob support leave the field out: the stage then uses its prior.
                 logprob = math.fsum(lp.logprob for lp in part.logprobs) if part.logprobs else None
+                if should_stop is not None and should_stop():
+                    break
                 if text:
                     yield Token(text, logprob)
         except ollama.ResponseError as exc:  # an {"error": ...} line in the middle of the stream

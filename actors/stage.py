@@ -56,6 +56,7 @@ MEMORY_HEADER = "From earlier conversations with this user (use only what is rel
 # could not reach it.
 GENERATIONS = 1000
 CONTROL = "control"  # the concurrency group of cancel, info, load and unload
+BACKGROUND_CHUNK = 32  # prompt tokens a background generation evaluates between checks for a waiting question
 
 
 @ray.remote(num_cpus=0, max_concurrency=GENERATIONS, concurrency_groups={CONTROL: 16})
@@ -183,21 +184,63 @@ class StageActor:
         at = 1 if messages and messages[0]["role"] == "system" else 0
         return messages[:at] + [{"role": "system", "content": block}] + messages[at:], used
 
+    def _should_stop(self, request_id: str, background: bool) -> Any:
+        """What the model's thread checks before each token (or prompt chunk): a cancel, or, for
+        background work, a question waiting for the model."""
+        preempt = self._turns.preempt
+        return lambda: request_id in self._cancelled or (background and preempt.is_set())
+
+    async def prefill(self, request_id: str, messages: Messages, memories: list[dict[str, Any]] | None,
+                      memory_tokens: int, chunk: int) -> dict[str, Any]:
+        """Background work: evaluate the prompt a question will have, as far as it is known
+        (``messages`` end with the user's words typed so far), into the primary model's cache,
+        ``chunk`` tokens at a time, giving the model back at once when a question wants it.
+        Returns the backend's report ({tokens, reused, evaluated, eval_s, stopped}) plus
+        {supported (False: the backend keeps no prompt cache we can fill), cancelled, preempted,
+        memories}."""
+        backend = self.backends[self.primary]
+        self._active.add(request_id)
+        try:
+            if request_id in self._cancelled or not await self._turns.take(request_id, background=True):
+                return {"cancelled": True, "preempted": False}
+            try:
+                await backend.load()
+                used: list[str] = []
+                if memories and memory_tokens > 0:
+                    messages, used = self._with_memories(messages, memories, memory_tokens)
+                report = await backend.prefill(messages, self._should_stop(request_id, True), chunk)
+                return {**(report or {"tokens": 0}), "supported": report is not None, "memories": used,
+                        "cancelled": request_id in self._cancelled,
+                        "preempted": bool(report and report["stopped"]) and request_id not in self._cancelled}
+            finally:
+                self._turns.give_back()
+        except ModelError as exc:
+            return {"error": str(exc), "cancelled": False, "preempted": False}
+        finally:
+            self._active.discard(request_id)
+            self._cancelled.discard(request_id)
+
     async def generate(self, request_id: str, messages: Messages, max_tokens: int, temperature: float,
                        models: list[str] | None = None, memories: list[dict[str, Any]] | None = None,
-                       memory_tokens: int = 0) -> AsyncIterator[dict[str, Any]]:
+                       memory_tokens: int = 0, seed: int | None = None,
+                       background: bool = False) -> AsyncIterator[dict[str, Any]]:
         """Stream an answer from the first of ``models`` (default: all of the stage's, in order) that works,
-        with as many of ``memories`` as fit ``memory_tokens``."""
+        with as many of ``memories`` as fit ``memory_tokens``. ``background``: nobody waits for
+        it (a speculative job): it takes the model only when no question wants it and stops at
+        the next token when one does (its ``end`` says ``preempted``)."""
         started = time.perf_counter()
         first = last = None
         count = 0
         answered_by = None
         cold = False
+        prompt: dict[str, int] = {}
+        should_stop = self._should_stop(request_id, background)
         self._active.add(request_id)
         try:
             yield {"accepted": len(self._active) - 1}
             # Checked first: a cancel may have come between ``accepted`` and here.
-            has_turn = request_id not in self._cancelled and await self._turns.take(request_id)
+            has_turn = request_id not in self._cancelled and await self._turns.take(request_id, background=background)
+            preempted = False
             turn = time.perf_counter()
             if has_turn:  # else withdrawn: cancelled while it waited, it ends now without its turn
                 try:
@@ -216,9 +259,14 @@ class StageActor:
                         cold = not await self.backends[name].is_loaded()
                         yield {"model": name, "cold": cold}
                         confidence = ConfidenceTracker(self.prior)
+                        backend = self.backends[name]
                         try:
+                            if background:  # its prompt in small chunks, so that a question waits at most one
+                                await backend.prefill(messages, should_stop, BACKGROUND_CHUNK)
+                                if should_stop():
+                                    break
                             # aclosing: leaving the loop must stop the backend before the next turn starts.
-                            stream = self.backends[name].stream(messages, GenerationOptions(max_tokens, temperature))
+                            stream = backend.stream(messages, GenerationOptions(max_tokens, temperature, seed), should_stop)
                             async with contextlib.aclosing(stream):
                                 async for token in stream:
                                     last = time.perf_counter()
@@ -228,6 +276,7 @@ class StageActor:
                                            "confidence": confidence.update(token.logprob)}
                                     if request_id in self._cancelled:
                                         break
+                            prompt.update(backend.prompt_stats)
                         except ModelError as exc:
                             yield {"error": exc.code, "message": str(exc), "model": name}
                         except Exception as exc:  # a backend bug must not take the stage down with it
@@ -237,8 +286,11 @@ class StageActor:
                         if count:
                             break  # failed mid-answer: a fallback would start the answer over
                 finally:
+                    preempted = self._turns.preempt.is_set() and request_id not in self._cancelled
                     self._generating = None
                     self._turns.give_back()
+                    if preempted:
+                        prompt["yield_s"] = round(self._turns.last_yield_s or 0.0, 6)  # preempt to model given back
             decode_s = (last - first) if first and last and count > 1 else 0.0
             yield {
                 "end": True,
@@ -248,8 +300,10 @@ class StageActor:
                 "duration_s": round(time.perf_counter() - started, 6),
                 "tokens_per_s": round((count - 1) / decode_s, 2) if decode_s else None,
                 "cancelled": request_id in self._cancelled,
+                "preempted": background and preempted,
                 "cold": cold,
                 "queued_s": round(turn - started, 6),
+                **prompt,
             }
         finally:
             self._active.discard(request_id)

@@ -141,6 +141,10 @@ class _Requests:
         )
 
     @staticmethod
+    def _hint_fields(text: str, session: str | None, memory: bool) -> dict[str, Any]:
+        return {"text": text, **({"session": session} if session else {}), **({} if memory else {"memory": False})}
+
+    @staticmethod
     def _ask_fields(text: str, stages: list[str] | None, sequential: bool, chain: str | None,
                     session: str | None, memory: bool, options: dict[str, Any]) -> dict[str, Any]:
         fields: dict[str, Any] = {"text": text}
@@ -280,9 +284,21 @@ class Client(_Requests):
     def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return self._call("cancel", timeout, target=target)
 
-    def hint(self, text: str, timeout: float = 10.0) -> dict[str, Any]:
-        """What the user has typed so far: the daemon starts loading the models it will need."""
-        return self._call("hint", timeout, text=text)
+    def hint(self, text: str, session: str | None = None, memory: bool = True, timeout: float = 10.0) -> dict[str, Any]:
+        """What the user has typed so far: the daemon starts loading the models it will need and
+        prefilling the prompt it will have (a background job; not for ``memory=False``, incognito)."""
+        return self._call("hint", timeout, **self._hint_fields(text, session, memory))
+
+    def jobs(self, timeout: float = 10.0) -> dict[str, Any]:
+        """Background jobs, running and recent, and whether they may run now."""
+        return self._call("jobs", timeout, op="list")
+
+    def cancel_job(self, job_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        return self._call("jobs", timeout, op="cancel", target=job_id)
+
+    def cache(self, op: str = "stats", timeout: float = 30.0) -> dict[str, Any]:
+        """The answer cache: list | clear | stats."""
+        return self._call("cache", timeout, op=op)
 
     def models(self, op: str, name: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
         """list | ps | load NAME | unload NAME (a load can take a while: a large model from disk)."""
@@ -299,6 +315,7 @@ class Client(_Requests):
         session: str | None = None,
         memory: bool = True,
         remember_timeout: float = DEFAULT_REMEMBER_TIMEOUT,
+        seed: int | None = None,
     ) -> Iterator[dict[str, Any]]:
         """Stream the events of one question; closing the iterator before ``done`` cancels it.
         ``memory=False`` is incognito: nothing is recalled or stored.
@@ -308,7 +325,7 @@ class Client(_Requests):
         ``remember_timeout`` seconds (then NoReply). Leaving the loop at ``done`` is fine.
         Raises a ResponseError subclass when the question cannot be answered at all."""
         fields = self._ask_fields(text, stages, sequential, chain, session, memory,
-                                  {"max_tokens": max_tokens, "temperature": temperature})
+                                  {"max_tokens": max_tokens, "temperature": temperature, "seed": seed})
         rid = self._send("ask", **fields)
         answered = over = False  # answered: `done` came, nothing is left to cancel
         try:
@@ -449,8 +466,17 @@ class AsyncClient(_Requests):
     async def cancel(self, target: str, timeout: float = 5.0) -> dict[str, Any]:
         return await self._call("cancel", timeout, target=target)
 
-    async def hint(self, text: str, timeout: float = 10.0) -> dict[str, Any]:
-        return await self._call("hint", timeout, text=text)
+    async def hint(self, text: str, session: str | None = None, memory: bool = True, timeout: float = 10.0) -> dict[str, Any]:
+        return await self._call("hint", timeout, **self._hint_fields(text, session, memory))
+
+    async def jobs(self, timeout: float = 10.0) -> dict[str, Any]:
+        return await self._call("jobs", timeout, op="list")
+
+    async def cancel_job(self, job_id: str, timeout: float = 10.0) -> dict[str, Any]:
+        return await self._call("jobs", timeout, op="cancel", target=job_id)
+
+    async def cache(self, op: str = "stats", timeout: float = 30.0) -> dict[str, Any]:
+        return await self._call("cache", timeout, op=op)
 
     async def models(self, op: str, name: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
         return await self._call("models", timeout, op=op, **({"name": name} if name else {}))
@@ -466,10 +492,11 @@ class AsyncClient(_Requests):
         session: str | None = None,
         memory: bool = True,
         remember_timeout: float = DEFAULT_REMEMBER_TIMEOUT,
+        seed: int | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """As ``Client.ask``."""
         fields = self._ask_fields(text, stages, sequential, chain, session, memory,
-                                  {"max_tokens": max_tokens, "temperature": temperature})
+                                  {"max_tokens": max_tokens, "temperature": temperature, "seed": seed})
         rid = await self._send("ask", **fields)
         answered = over = False
         try:

@@ -46,8 +46,8 @@ def bounded_history(limit: int = HISTORY_LINES):
 class Hinter:
     """Sends the latest typed text as a hint after a pause, at most one hint per pause."""
 
-    def __init__(self, endpoint: str):
-        self.endpoint = endpoint
+    def __init__(self, endpoint: str, session: str | None = None, memory: bool = True):
+        self.endpoint, self.session, self.memory = endpoint, session, memory
         self._text, self._typed_at, self._sent = "", 0.0, ""
         self._changed = threading.Condition()
         self._closed = False
@@ -80,13 +80,14 @@ class Hinter:
         with Client(self.endpoint) as client:
             while (text := self._next()) is not None:
                 try:
-                    client.hint(text)
+                    client.hint(text, self.session, self.memory)
                 except MiradorError:  # a hint is only a head start: the ask says what is wrong
                     pass
 
 
-def run_chat(client: Client, answer: Callable[[Client, str], None]) -> None:
-    """The prompt loop: read a question, ``answer`` it with ``client``, until end of input or /exit."""
+def run_chat(client: Client, answer: Callable[[Client, str], None], session: str | None = None, memory: bool = True) -> None:
+    """The prompt loop: read a question, ``answer`` it with ``client``, until end of input or
+    /exit; hints while typing carry the ``session`` and whether ``memory`` is on."""
     if not sys.stdin.isatty():
         for line in sys.stdin:
             if line.strip() in EXIT_WORDS:
@@ -96,7 +97,7 @@ def run_chat(client: Client, answer: Callable[[Client, str], None]) -> None:
         return
     from prompt_toolkit import PromptSession
 
-    hinter = Hinter(client.endpoint)
+    hinter = Hinter(client.endpoint, session, memory)
     prompt: PromptSession[str] = PromptSession(history=bounded_history())
     prompt.default_buffer.on_text_changed += lambda buffer: hinter.typed(buffer.text)
     try:

@@ -13,6 +13,7 @@ import click
 from . import daemon_control, protocol, remote
 from .api import Client
 from .errors import DaemonNotRunning, MiradorError, NoReply, ResponseError
+from .cli_jobs import cache, jobs
 from .cli_keys import keys
 from .paths import Paths
 from .render import Renderer
@@ -108,10 +109,11 @@ def _client(endpoint: str | None, paths: Paths) -> Client:
 @click.option("--no-memory", is_flag=True, help="Incognito: recall nothing and remember nothing of this question.")
 @click.option("--max-tokens", type=click.IntRange(1, 8192), help="Limit each stage's answer length.")
 @click.option("--temperature", type=click.FloatRange(0, 2), help="Sampling temperature for every stage.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), help="Sampling seed: the same seed and prompt give the same answer.")
 @click.option("--no-autostart", is_flag=True, help="Fail instead of starting the daemon when none is running.")
 def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bool, chain: str | None,
         session: str | None, no_memory: bool, max_tokens: int | None, temperature: float | None,
-        no_autostart: bool) -> None:
+        seed: int | None, no_autostart: bool) -> None:
     """Ask a question; the answer streams as it is generated. TEXT '-' reads standard input."""
     question = sys.stdin.read() if text == ("-",) else " ".join(text)
     if not question.strip():
@@ -122,7 +124,7 @@ def ask(text: tuple[str, ...], as_json: bool, stages: str | None, sequential: bo
     with _connected(no_autostart) as client:
         events = client.ask(question, stages=stage_list, max_tokens=max_tokens, temperature=temperature,
                             sequential=sequential, chain=chain, session=session, memory=not no_memory,
-                            remember_timeout=REMEMBER_WAIT_S)
+                            remember_timeout=REMEMBER_WAIT_S, seed=seed)
         try:
             failed = _show_answer(events, as_json, rate_hint=not no_memory)
         except KeyboardInterrupt:
@@ -304,7 +306,23 @@ def stats(as_json: bool) -> None:
     routes = ", ".join(f"{k} {v}" for k, v in sorted(result["routes"].items())) or "none"
     lines = [f"{result['queries']} questions ({routes}); {result['errors']} stage errors", ""]
     lines += _stats_table(result["stages"], "stage") + [""] + _stats_table(result["models"], "model")
-    click.echo("\n".join(lines))
+    click.echo("\n".join(lines + [""] + _speculation_text(result["speculation"])))
+
+
+def _speculation_text(spec: dict[str, Any]) -> list[str]:
+    cache, tokens = spec.get("cache") or {}, spec["background_tokens"]
+    if "error" in cache:
+        lines = [f"answer cache: {cache['error']}"]
+    elif cache:
+        lines = [f"answer cache: {cache['hits']} hits of {cache['lookups']} lookups ({cache['hit_rate']:.0%}), "
+                 f"{cache['entries']} entries"]
+    else:
+        lines = ["answer cache: off (memory is off)"]
+    for kind, k in sorted(spec["jobs"].items()):
+        lines.append(f"{kind} jobs: {k['jobs']}, {k['model_s']:.1f} s of model time, {k['tokens']} tokens, saved {k['saved_s']:.2f} s")
+    lines.append(f"speculation saved {spec['saved_s']:.2f} s; background tokens: {tokens['spent']} spent, "
+                 f"{tokens['used']} used, {tokens['wasted']} wasted")
+    return lines
 
 
 @main.command()
@@ -522,7 +540,7 @@ def chat(session: str | None, no_memory: bool, max_tokens: int | None, no_autost
     if sys.stdin.isatty():
         click.echo(f"mirador chat, session {name}. Ctrl-D or /exit to leave.", err=True)
     with _connected(no_autostart) as client:
-        run_chat(client, answer)
+        run_chat(client, answer, name, not no_memory)
 
 
 @main.group()
@@ -678,6 +696,8 @@ def daemon_stop() -> None:
 
 
 main.add_command(keys)
+main.add_command(jobs)
+main.add_command(cache)
 main.add_command(service)
 
 

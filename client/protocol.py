@@ -23,7 +23,8 @@ Requests (client -> daemon)
                   ``sequential`` (bool, optional: run the stages one after another, each
                   receiving the previous answers); ``chain`` (a configured chain's name,
                   optional: run its steps instead of stages); ``options`` (map, optional:
-                  ``max_tokens`` int 1..8192, ``temperature`` number 0..2, for every stage);
+                  ``max_tokens`` int 1..8192, ``temperature`` number 0..2, ``seed`` int
+                  0..2**32-1 (the same seed and prompt give the same answer), for every stage);
                   ``session`` (a name, optional: continue that conversation); ``memory`` (bool,
                   optional, default true: false is incognito, nothing recalled or stored);
                   ``history`` (list of {question, answer} maps, optional: earlier turns of this
@@ -44,8 +45,15 @@ Requests (client -> daemon)
                   skipped, and one import request is written all or nothing).
       ``rate``    ``score`` (integer 1..5); ``query_id`` (optional: default, the last answer).
       ``learn``   ``op``: stats | reset.
-      ``hint``    ``text``: what the user has typed so far. The daemon starts loading the models
-                  that text will probably need (nothing is generated or remembered).
+      ``hint``    ``text``: what the user has typed so far; ``session``, ``memory`` (optional, as
+                  for ``ask``: false, incognito, starts no prefill: it would recall). The daemon
+                  starts loading the models that text will probably need and, as a background
+                  job, evaluates the prompt the question will have as far as it is known (system
+                  prompt, recalled memories, session history, the typed words) into the models
+                  that take it, so that on Enter only the rest is evaluated (nothing is
+                  generated or remembered).
+      ``jobs``    ``op``: list | cancel, with ``target`` (cancel: a job id).
+      ``cache``   ``op``: list | clear | stats (the answer cache of speculation).
       ``models``  ``op``: list | ps | load | unload, with ``name`` (load, unload: a model of the
                   manifest).
       ``ping``    no fields.
@@ -96,8 +104,14 @@ Replies (daemon -> client)
     ``memory`` ``memory`` {records: [...]} or {forgotten: n} or {imported: n, skipped: n, ids:
                [the ids added]} (final).
     ``rate``   ``rated`` {query_id, type, plan, rating} (final).
-    ``hint``   ``hint`` {predictions: [{actor, model, p, why, loaded}]} (final), at once: the
-               loads go on in the background.
+    ``hint``   ``hint`` {predictions: [{actor, model, p, why, loaded}], jobs: [prefill job ids],
+               jobs_off: null or why no job started} (final), at once: the loads and prefills go
+               on in the background.
+    ``jobs``   ``jobs`` {jobs: [{id, kind, stage, state, progress, cost, saved, detail, created,
+               started, ended}], allowed: null or why none run now, budget {...}} (list) or
+               {cancelled: bool} (final).
+    ``cache``  ``cache`` {entries: [...]} (list), {cleared: n} (clear), {entries, lookups, hits,
+               hit_rate, saved_s, tokens_spent, tokens_used} (stats) (final).
     ``models`` ``models`` (final): list {models: [{name, backend, source, size_mb, roles,
                triggers, priority, actors, loaded_in, available}]}; ps {budget_mb, used_mb, pinned_by
                (how many questions hold pins),
@@ -161,7 +175,7 @@ import msgpack
 VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 MAX_ID_CHARS = 64
-REQUEST_TYPES = ("ask", "cancel", "status", "stats", "memory", "rate", "learn", "hint", "models", "ping")
+REQUEST_TYPES = ("ask", "cancel", "status", "stats", "memory", "rate", "learn", "hint", "models", "jobs", "cache", "ping")
 MODEL_OPS = ("list", "ps", "load", "unload")
 MEMORY_OPS = ("list", "search", "show", "forget", "forget_all", "export", "import")
 
@@ -239,8 +253,20 @@ def check_request(obj: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError("bad_request", "'rate' needs 'score': an integer from 1 to 5", rid)
         if obj.get("query_id") is not None and not isinstance(obj["query_id"], str):
             raise ProtocolError("bad_request", "'query_id' must be a string", rid)
-    elif type_ == "hint" and not isinstance(obj.get("text"), str):
-        raise ProtocolError("bad_request", "'hint' needs 'text': a string", rid)
+    elif type_ == "hint":
+        if not isinstance(obj.get("text"), str):
+            raise ProtocolError("bad_request", "'hint' needs 'text': a string", rid)
+        if obj.get("session") is not None and not (isinstance(obj["session"], str) and 0 < len(obj["session"]) <= 128):
+            raise ProtocolError("bad_request", "'session' must be a name of 1..128 characters", rid)
+        if not isinstance(obj.get("memory", True), bool):
+            raise ProtocolError("bad_request", "'memory' must be true or false", rid)
+    elif type_ == "jobs":
+        if obj.get("op") not in ("list", "cancel"):
+            raise ProtocolError("bad_request", "'jobs' needs 'op': list or cancel", rid)
+        if obj["op"] == "cancel" and not (isinstance(obj.get("target"), str) and obj["target"]):
+            raise ProtocolError("bad_request", "'cancel' needs 'target': a job id", rid)
+    elif type_ == "cache" and obj.get("op") not in ("list", "clear", "stats"):
+        raise ProtocolError("bad_request", "'cache' needs 'op': list, clear or stats", rid)
     elif type_ == "models":
         if obj.get("op") not in MODEL_OPS:
             raise ProtocolError("bad_request", f"'models' needs 'op', one of {', '.join(MODEL_OPS)}", rid)
@@ -295,6 +321,9 @@ def _check_ask(obj: dict[str, Any], rid: str) -> None:
     temperature = options.get("temperature")
     if temperature is not None and (type(temperature) not in (int, float) or not 0 <= temperature <= 2):
         raise bad("'options.temperature' must be a number in 0..2")
+    seed = options.get("seed")
+    if seed is not None and (type(seed) is not int or not 0 <= seed < 2**32):
+        raise bad("'options.seed' must be an integer in 0..2**32-1")
 
 
 def _check_memory(obj: dict[str, Any], rid: str) -> None:

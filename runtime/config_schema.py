@@ -378,6 +378,20 @@ class PreloadConfig(Table):
     budget_share: Float = Field(0.5, gt=0, le=1)
 
 
+class JobsConfig(Table):
+    """Background jobs (runtime/jobs.py): work nobody waits for, below every question."""
+
+    enabled: bool = True
+    on_balanced: bool = False  # run them on the balanced power profile too (never on minimal)
+    cpu_share: Float = Field(0.5, gt=0, le=1)  # of the time, at most, spent on jobs: after t s of work, rest t/share - t
+    daily_cpu_s: Seconds = 1800.0  # model time per day for all jobs together; 0: no limit
+    keep: Int = Field(200, ge=1)  # ended jobs kept for `mirador jobs`
+    prefill: bool = True  # hints evaluate the known prompt ahead (typing-time prefill)
+    prefill_chunk: Int = Field(32, ge=1)  # prompt tokens evaluated between checks for a waiting question
+    followups: Int = Field(3, ge=0)  # follow-up questions predicted and answered after each answer; 0: none
+    followup_max_tokens: Int = Field(128, ge=1)  # per precomputed follow-up answer
+
+
 class Config(Table):
     """The daemon's whole configuration: the merged TOML files, checked. Field order = file order."""
 
@@ -396,6 +410,7 @@ class Config(Table):
     learning: LearningSection = LearningSection()
     energy: EnergyConfig = EnergyConfig()
     preload: PreloadConfig = PreloadConfig()
+    jobs: JobsConfig = JobsConfig()
 
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)  # the merged files and environment, as read
 

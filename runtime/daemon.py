@@ -67,6 +67,8 @@ class Daemon:
         self.preloader: Any = None  # the Preloader actor: every model load and unload goes through it
         self.http: Any = None  # the HTTP API (http_server.HttpApi), unless [http] listen is off
         self.server: Any = None  # the ZeroMQ Server, once bound
+        self.jobs: Any = None  # jobs.JobManager: background work (speculation)
+        self.speculation: Any = None  # speculation.Speculation
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -113,7 +115,43 @@ class Daemon:
         }
 
     async def stats(self) -> dict[str, Any]:
-        return await self.metrics.summary()
+        summary = await self.metrics.summary()
+        cache: dict[str, Any] | None = None
+        if self.memory is not None:
+            try:
+                cache = await asyncio.wait_for(self.memory.cache_stats.remote(), 10)
+            except Exception as exc:  # the store is down: the rest of the stats still answer
+                cache = {"error": f"not responding ({type(exc).__name__})"}
+        jobs = summary.pop("jobs")
+        spent = sum(kind["tokens"] for kind in jobs.values())
+        used = sum(kind["used_tokens"] for kind in jobs.values()) + ((cache or {}).get("tokens_used") or 0)
+        summary["speculation"] = {
+            "cache": cache, "jobs": jobs,
+            "saved_s": round(sum(kind["saved_s"] for kind in jobs.values()) + ((cache or {}).get("saved_s") or 0.0), 3),
+            "background_tokens": {"spent": spent, "used": min(used, spent), "wasted": max(spent - used, 0)},
+        }
+        return summary
+
+    async def jobs_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`mirador jobs` and `mirador jobs cancel ID`."""
+        if request["op"] == "list":
+            return self.jobs.list()
+        if not self.jobs.cancel(request["target"]):
+            raise ProtocolError("not_found", f"no running or waiting job {request['target']!r}; `mirador jobs` lists them",
+                                request["id"])
+        return {"cancelled": True}
+
+    async def cache_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`mirador cache list|clear|stats`: the answer cache, kept by the memory store."""
+        rid, op = request["id"], request["op"]
+        if self.memory is None:
+            raise ProtocolError("memory_disabled", "the answer cache lives in the memory store, which is off: "
+                                f"{self.memory_error or 'memory.enabled = false in mirador.toml'}", rid)
+        if op == "list":
+            return {"entries": await self.memory.cache_list.remote(request.get("limit", 50))}
+        if op == "clear":
+            return {"cleared": await self.memory.cache_clear.remote()}
+        return await self.memory.cache_stats.remote()
 
     async def memory_op(self, request: dict[str, Any]) -> dict[str, Any]:
         """The user's controls over what is remembered (``memory`` requests)."""
@@ -185,11 +223,13 @@ class Daemon:
         return {"types": await learner.stats.remote()}
 
     async def hint(self, request: dict[str, Any]) -> dict[str, Any]:
-        """A partial question: start loading what it will probably need."""
+        """A partial question: start loading what it will probably need, and prefill its prompt."""
         text = request["text"]
         if not text.strip():
-            return {"predictions": []}
-        return {"predictions": await self.preloader.prepare.remote(None, text, self.orchestrator.power.get("profile", "maximum"))}
+            return {"predictions": [], "jobs": [], "jobs_off": None}
+        predictions = await self.preloader.prepare.remote(None, text, self.orchestrator.power.get("profile", "maximum"))
+        job = self.speculation.prefill(text, request.get("session")) if request.get("memory", True) else None
+        return {"predictions": predictions, "jobs": [job.id] if job else [], "jobs_off": self.jobs.why_not()}
 
     async def models_op(self, request: dict[str, Any]) -> dict[str, Any]:
         """`mirador models list|ps|load|unload`."""
@@ -253,6 +293,9 @@ class Daemon:
             if power["profile"] != self.orchestrator.power.get("profile"):
                 log.info("power profile %s -> %s (battery %s)", self.orchestrator.power.get("profile"), power["profile"], power["battery"])
             self.orchestrator.power = power
+            if (why := self.jobs.why_not()) is not None:  # e.g. the battery ran low: running jobs stop too
+                for job_id in list(self.jobs.jobs):
+                    self.jobs.cancel(job_id, why)
 
     def _record(self, ask: Any, metrics: dict[str, Any]) -> None:
         self.metrics.record(ask.query_id, ask.route.kind, ask.mode, metrics)
@@ -366,6 +409,12 @@ class Daemon:
                     self.memory, self.memory_error = None, str(exc).splitlines()[-1]
             self.orchestrator = Orchestrator(self.config, self.actors, self.memory, self.learner, self._record, self.preloader)
             self.orchestrator.power = await self.energy.read.remote()
+            from .jobs import JobManager
+            from .speculation import Speculation
+
+            self.jobs = JobManager(self.config.jobs, lambda: self.orchestrator.power.get("profile", "maximum"), self.metrics)
+            await self.jobs.start()
+            self.speculation = self.orchestrator.speculation = Speculation(self.orchestrator, self.jobs)
             log.info("power profile: %s (battery %s)", self.orchestrator.power["profile"], self.orchestrator.power["battery"])
             watching = asyncio.ensure_future(self._watch_power())
             pruning = asyncio.ensure_future(self._prune())
@@ -386,6 +435,7 @@ class Daemon:
             serving.cancel()  # no new requests; answers already running go on while writes drain
             watching.cancel()
             pruning.cancel()
+            await self.jobs.close()
             lost = await self.orchestrator.drain(SHUTDOWN_DRAIN_S)
             if lost:
                 log.error("%d memory or learner writes did not finish within %g s of shutdown and may be lost",

@@ -29,6 +29,10 @@ CREATE TABLE IF NOT EXISTS stage_runs (
     tokens_per_s REAL, duration_s REAL, cancelled INTEGER
 );
 CREATE INDEX IF NOT EXISTS stage_runs_query ON stage_runs (query_id);
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, ts REAL, kind TEXT, state TEXT, model_s REAL, tokens INTEGER,
+    saved_s REAL, used_tokens INTEGER, job TEXT
+);
 CREATE INDEX IF NOT EXISTS queries_ts ON queries (ts);
 """
 
@@ -79,10 +83,10 @@ class MetricsStore:
                     (query_id, ts, route, mode, json.dumps(list(stages)), metrics["duration_s"],
                      int(any(s.get("cancelled") for s in stages.values())), json.dumps(metrics.get("errors", []))),
                 )
-                self._conn.executemany(
+                self._conn.executemany(  # an answer served from the cache is not a run of its model
                     "INSERT INTO stage_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     [(query_id, name, s.get("model"), s.get("first_token_s"), s.get("tokens"), s.get("tokens_per_s"),
-                      s.get("duration_s"), int(bool(s.get("cancelled")))) for name, s in stages.items()],
+                      s.get("duration_s"), int(bool(s.get("cancelled")))) for name, s in stages.items() if not s.get("cached")],
                 )
         except sqlite3.Error as exc:
             log.error("could not record metrics for %s in %s: %s", query_id, self.path, exc)
@@ -116,7 +120,40 @@ class MetricsStore:
             return out
 
         return {"queries": sum(n for _, n in queries), "routes": dict(queries), "errors": errors,
-                "stages": group(0), "models": group(1)}
+                "stages": group(0), "models": group(1), "jobs": self._jobs_summary()}
+
+    def record_job(self, job: dict[str, Any]) -> None:
+        """Queue an ended job (``Job.public()``); returns at once. Its saving may be credited later:
+        recorded again then."""
+        self._thread.submit(self._write_job, job)
+
+    def _write_job(self, job: dict[str, Any]) -> None:
+        assert self._conn is not None
+        try:
+            with self._conn:
+                self._conn.execute("INSERT OR REPLACE INTO jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                   (job["id"], job["created"], job["kind"], job["state"], job["cost"]["model_s"],
+                                    job["cost"]["tokens"], job["saved"]["s"], job["saved"]["tokens"], json.dumps(job)))
+        except sqlite3.Error as exc:
+            log.error("could not record job %s in %s: %s", job["id"], self.path, exc)
+
+    async def jobs_history(self, since: float, keep: int) -> tuple[float, list[dict[str, Any]]]:
+        """Model time the jobs since ``since`` spent, and the newest ``keep`` jobs, oldest first."""
+        def read() -> tuple[float, list[dict[str, Any]]]:
+            assert self._conn is not None
+            (spent,) = self._conn.execute("SELECT COALESCE(SUM(model_s), 0) FROM jobs WHERE ts >= ?", (since,)).fetchone()
+            rows = self._conn.execute("SELECT job FROM jobs ORDER BY ts DESC LIMIT ?", (keep,)).fetchall()
+            return spent, [json.loads(job) for (job,) in reversed(rows)]
+
+        return await asyncio.get_running_loop().run_in_executor(self._thread, read)
+
+    def _jobs_summary(self) -> dict[str, Any]:
+        assert self._conn is not None
+        rows = self._conn.execute("SELECT kind, COUNT(*), SUM(model_s), SUM(tokens), SUM(saved_s), SUM(used_tokens) "
+                                  "FROM jobs GROUP BY kind").fetchall()
+        kinds = {kind: {"jobs": n, "model_s": round(m or 0, 3), "tokens": t or 0, "saved_s": round(sv or 0, 3),
+                        "used_tokens": u or 0} for kind, n, m, t, sv, u in rows}
+        return kinds
 
     async def prune(self, keep_days: float, max_rows: int) -> int:
         """Drop the questions older than ``keep_days`` and all but the newest ``max_rows`` (0: no
@@ -128,6 +165,7 @@ class MetricsStore:
         assert self._conn is not None
         try:
             with self._conn:
+                prune_table(self._conn, "jobs", keep_days, max_rows)
                 dropped = prune_table(self._conn, "queries", keep_days, max_rows)
                 if dropped:
                     self._conn.execute("DELETE FROM stage_runs WHERE query_id NOT IN (SELECT query_id FROM queries)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -95,6 +96,7 @@ class Ask:
     stop: asyncio.Event = field(default_factory=asyncio.Event)  # set by a cancel: waiting steps end at once
     running: dict[str, Any] = field(default_factory=dict)  # step -> actor generating for it
     errors: list[dict[str, str]] = field(default_factory=list)  # {stage, model, code} for metrics
+    cached: dict[str, Any] | None = None  # the answer cache's hit for the cache stage, if any
     client: bytes = b""  # the connection that asked, for admission control
     turns: int = 0  # how many of its stages hold a model's turn now
     over: bool = False  # its stages have all finished
@@ -127,6 +129,8 @@ class Orchestrator:
         self.memory = memory  # the MemoryStore actor, None when memory is off
         self.learner = learner  # the Learner actor, None when learning is off
         self.on_done = on_done
+        self.speculation: Any = None  # speculation.Speculation, set by the daemon when jobs can run
+        self.cache_stage = next(iter(config.stages), None)  # whose answers the answer cache keeps and serves
         # Memory and learner writes in flight, and the acknowledgements that follow them: the
         # daemon's shutdown waits for these (``drain``) before it stops the actors.
         self._writes: set[asyncio.Future[Any]] = set()
@@ -212,6 +216,12 @@ class Orchestrator:
                    use_memory=False, qtype=question_type(request["text"], classify(request["text"])), plan=f"model:{name}",
                    options=options, history=list(request.get("history") or ()))
 
+    def expected_steps(self, text: str) -> list[Step]:
+        """The steps the router would plan for ``text`` now (power profile applied), without asking."""
+        ask = self._planned_ask({"id": "expected", "text": text})
+        self._apply_power(ask)
+        return ask.steps
+
     def _default_plan(self, route: Route) -> str:
         return "+".join(self.config.routes.get(route.kind, self.config.stages))
 
@@ -261,11 +271,12 @@ class Orchestrator:
         recall = self._start_recall(ask) if ask.use_memory and self.memory is not None else None
         learned = await self._learned_plan(ask) if learning and ask.routed else None
         power = self._apply_power(ask)
+        speculation = await self._speculation(ask)
         if self.preloader is not None:  # the plan's own models, pinned until the question is over
             self.preloader.need.remote(ask.query_id, [(s.actor_key, s.models[0]) for s in ask.steps])
         await emit("start", query_id=ask.query_id, route=ask.route.kind, reason=ask.route.reason, mode=ask.mode,
                    stages=[s.name for s in ask.steps], session=ask.session, type=ask.qtype, plan=ask.plan, learned=learned,
-                   power=power)
+                   power=power, speculation=speculation)
         if recall is not None:
             await self._finish_recall(ask, recall, emit)
         if ask.mode == "progressive":
@@ -288,6 +299,8 @@ class Orchestrator:
         await emit("done", final=write is None, query_id=ask.query_id, cancelled=ask.cancelled, metrics=metrics)
         if self.on_done:
             self.on_done(ask, metrics)
+        if self.speculation is not None and exchange is not None:  # remembered: not incognito, not cancelled
+            self.speculation.after_answer(ask, results)
         if learning and not ask.cancelled:  # no text: type and plan only
             self._track(self.learner.observe.remote(ask.query_id, ask.qtype, ask.plan), f"noting {ask.query_id} for the learner")
         if write is not None:
@@ -372,6 +385,51 @@ class Orchestrator:
         self._set_plan(ask, choice["plan"])
         ask.route = Route(ask.route.kind, ask.route.score, f"{ask.route.reason}; learned: {choice['plan']} instead of {default}")
         return {"plan": choice["plan"], "default": default, "evidence": choice["evidence"]}
+
+    async def _speculation(self, ask: Ask) -> dict[str, Any]:
+        """What speculation did for this question: a cached quick answer it may be served (looked
+        up now: the quick stage's prompt is fixed once the plan is), and the stages a typing-time
+        prefill warmed."""
+        warmed = {s.name: w for s in ask.steps if self.speculation and (w := self.speculation.warmed(s.name))}
+        step = next((s for s in ask.steps if s.name == self.cache_stage), None)
+        cache = self.config.cache
+        if step is None or not cache.enabled or not ask.use_memory or self.memory is None or ask.mode == "chain" or ask.history:
+            return {"cached": None, "warmed": warmed}
+        from .speculation import cache_key
+
+        try:
+            found = await self.memory.cache_lookup.remote(ask.text, cache_key(step), cache.threshold, cache.ttl_s)
+        except ray.exceptions.RayError as exc:  # the cache only saves time: answer without it
+            log.error("the answer cache did not answer: %s", exc)
+            return {"cached": None, "warmed": warmed}
+        hit = found["hit"]
+        if hit is not None:
+            ask.cached = {**hit, "stage": step.name}
+        return {"cached": None if hit is None else {k: hit.get(k) for k in ("question", "similarity", "age_s", "source")}
+                | {"stage": step.name}, "warmed": warmed, "rejected": found.get("rejected", [])[:3]}
+
+    async def _serve_cached(self, step: Step, ask: Ask, emit: Emit, on_first_token: Callable[[], None] | None) -> StepResult:
+        """Stream the cached answer as the step's tokens, word by word (the deeper stages run live)."""
+        hit, started = ask.cached or {}, time.perf_counter()
+        model = step.models[0]
+        await emit("stage_start", stage=step.name, model=model, cached=True, similarity=hit.get("similarity"),
+                   age_s=hit.get("age_s"), question=hit.get("question"))
+        pieces = re.findall(r"\s*\S+", hit["answer"]) or [hit["answer"]]
+        first = None
+        for piece in pieces:
+            if ask.cancelled:
+                break
+            await emit("token", stage=step.name, model=model, text=piece, confidence=hit.get("confidence") or 0.0,
+                       logprob=None, cached=True)
+            if first is None:
+                first = time.perf_counter() - started
+                if on_first_token:
+                    on_first_token()
+        stats = {"tokens": len(pieces), "first_token_s": round(first or 0.0, 6), "duration_s": round(time.perf_counter() - started, 6),
+                 "tokens_per_s": None, "cancelled": ask.cancelled, "cold": False, "queued_s": 0.0, "cached": True,
+                 "similarity": hit.get("similarity"), "age_s": hit.get("age_s")}
+        await emit("stage_end", stage=step.name, model=model, **stats)
+        return StepResult("".join(pieces), {"model": model, "memories": [], **stats})
 
     def _start_recall(self, ask: Ask) -> tuple[Any, Any]:
         """Ask the memory for memories like the question, and the session's last turns."""
@@ -500,6 +558,8 @@ class Orchestrator:
 
     async def _run_step(self, step: Step, ask: Ask, emit: Emit, previous: dict[str, str],
                         on_first_token: Callable[[], None] | None = None) -> StepResult:
+        if ask.cached is not None and step.name == ask.cached["stage"]:
+            return await self._serve_cached(step, ask, emit, on_first_token)
         actor = self.actors[step.actor_key]
         model = step.models[0]
 
@@ -515,14 +575,17 @@ class Orchestrator:
         # stages that take it even when incognito; an incognito ask has no session turns.
         args = (ask.query_id, build_messages(step.system_prompt, ask.text, previous, ask.history if step.memory else ()),
                 step.max_tokens, step.temperature, list(step.models),
-                ask.memories if remembered else None, self.config.memory.context_tokens)
+                ask.memories if remembered else None, self.config.memory.context_tokens, ask.options.get("seed"))
         # The actor starts on the prompt first; the stage_start frame goes out while it works.
         stream = self._generate(actor, args)
         loop = asyncio.get_running_loop()
         asked = loop.time()
         has_turn = False
+        used: list[str] = []  # the memories the stage was given
+        confidences: list[float] = []
+        warmed = self.speculation.warmed(step.name) if self.speculation is not None else None
         try:
-            await emit("stage_start", stage=step.name, model=model)
+            await emit("stage_start", stage=step.name, model=model, **({"warmed": warmed} if warmed else {}))
             # The stage's time (timeout_s) starts with its model's turn: waiting behind other
             # questions is queued_s, and emit never waits for the client (see server.Outbox).
             async with asyncio.timeout(None) as deadline:
@@ -536,12 +599,14 @@ class Orchestrator:
                         if not pieces and on_first_token:
                             on_first_token()
                         pieces.append(item["text"])
+                        confidences.append(item["confidence"])
                         await emit("token", stage=step.name, model=model, text=item["text"],
                                    confidence=item["confidence"], logprob=item["logprob"])
                     elif "end" in item:
                         end = item
                     elif "context" in item:
-                        await emit("context", stage=step.name, memory_ids=item["context"])
+                        used = item["context"]
+                        await emit("context", stage=step.name, memory_ids=used)
                     elif "error" in item:
                         log.warning("stage %s (%s) failed: %s", step.name, item["model"], item["message"])
                         await error(item["error"], item["message"], item["model"])
@@ -568,4 +633,5 @@ class Orchestrator:
         stats = {k: v for k, v in (end or {"tokens": len(pieces)}).items() if k not in ("end", "model")}
         stats.setdefault("cancelled", ask.cancelled)
         await emit("stage_end", stage=step.name, model=model, **stats)
-        return StepResult("".join(pieces), {"model": model, **stats})
+        confidence = round(sum(confidences) / len(confidences), 4) if confidences else None
+        return StepResult("".join(pieces), {"model": model, "memories": used, "confidence": confidence, **stats})

@@ -47,8 +47,12 @@ def make_home(config: dict[str, str] | None = None) -> Home:
     # Short, so the ipc socket path stays far below the unix limit whatever pytest's tmp path is.
     root = Path(tempfile.mkdtemp(prefix="mrd-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIRADOR_", "XDG_", "RAY_"))}
-    # The HTTP API on a free port: test daemons (and other people's) run side by side.
-    env.update(MIRADOR_HOME=str(root), PATH=f"{BIN}:{env.get('PATH', '')}", NO_COLOR="1", MIRADOR_HTTP__LISTEN="127.0.0.1:0")
+    # The HTTP API on a free port: test daemons (and other people's) run side by side. No
+    # follow-up speculation and no answer cache: a module's questions would otherwise start
+    # background generations and be answered from earlier ones' cache (test_speculation.py
+    # turns both on).
+    env.update(MIRADOR_HOME=str(root), PATH=f"{BIN}:{env.get('PATH', '')}", NO_COLOR="1", MIRADOR_HTTP__LISTEN="127.0.0.1:0",
+               MIRADOR_JOBS__FOLLOWUPS="0", MIRADOR_CACHE__ENABLED="false")
     home = Home(root, env)
     for name, text in (config or {}).items():
         home.paths.config.mkdir(parents=True, exist_ok=True)

@@ -110,3 +110,39 @@ def test_preloader_pins_are_released_whatever_order_the_calls_arrive_in(tmp_path
         assert (await preloader.ps())["pinned_by"] == 0
 
     asyncio.run(scenario())
+
+
+def test_background_work_gets_the_model_last_and_is_told_to_yield_when_a_question_arrives():
+    async def scenario():
+        turns, order = Turns(), []
+        assert await turns.take("job", background=True)  # nobody waits: background work may use the model
+        assert not turns.preempt.is_set()
+
+        async def waiter(key, background=False):
+            got = await turns.take(key, background=background)
+            order.append(key)
+            if got:
+                await asyncio.sleep(0)
+                turns.give_back()
+
+        later_job = asyncio.ensure_future(waiter("job2", background=True))
+        await asyncio.sleep(0)
+        assert not turns.preempt.is_set()  # more background work does not preempt background work
+        question = asyncio.ensure_future(waiter("question"))
+        await asyncio.sleep(0)
+        assert turns.preempt.is_set()  # a question waits: the holder must give the model back
+        assert turns.waiting == 1  # background waiters are not counted as waiting questions
+        turns.give_back()  # the job yields
+        await asyncio.gather(question, later_job)
+        assert order == ["question", "job2"]  # the question first, although the second job came earlier
+        assert not turns.preempt.is_set()
+
+        # A waiting background job can be withdrawn (cancelled) like a question.
+        assert await turns.take("q")
+        job = asyncio.ensure_future(turns.take("job3", background=True))
+        await asyncio.sleep(0)
+        assert turns.withdraw("job3") and await job is False
+        turns.give_back()
+        assert await turns.take("free")  # the model is free again
+
+    asyncio.run(scenario())

@@ -1,0 +1,190 @@
+#!/usr/bin/env python
+"""Speculation, measured side by side on one private daemon (issue 13's targets):
+
+1. typing-time prefill: the quick stage's first token of a question that injects memories,
+   asked cold, asked after 1 s of typing with a hint per pause (as `mirador chat` sends them), and
+   the same question --no-memory; the ratio hinted / no-memory (target <= 1.25) and cold /
+   no-memory (2.6x before this);
+2. background jobs vs questions: a user's first token while follow-up speculation is generating,
+   against an idle daemon (targets p50 <= 1.1x, p95 <= 1.3x);
+3. a scripted session with paraphrased repeats, deliberate near-misses (a different number,
+   negation, name or topic: scripts/cache_pairs.py) and follow-ups: cache hits, false hits (must
+   be 0), first token of hits vs misses, background tokens per saved second.
+
+    .venv/bin/python scripts/bench_speculation.py [--rounds 8] [--pairs 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+from benchlib import private_daemon, save, summary
+from cache_pairs import NEAR_MISSES, PARAPHRASES
+
+FACTS = [
+    "My dog's name is Biscuit and she is a beagle who loves long walks.",
+    "My sister Ana lives in Porto and works as a nurse.",
+    "I am allergic to peanuts and I avoid them in every meal.",
+    "I run three times a week and I am training for a half marathon in May.",
+]
+RELATED = [  # each recalls some of FACTS
+    "What should I cook for dinner with my sister this weekend?",
+    "Which snacks can I take on a long walk with my dog?",
+    "How should I plan my running week before the half marathon?",
+    "What is a good present for my sister the nurse?",
+]
+UNRELATED = "Name three colours of the rainbow."  # asked between measurements: another prompt in the context
+
+
+def first_token(events: list[dict], stage: str = "quick") -> float:
+    return next(e["t"] for e in events if e["event"] == "token" and e["stage"] == stage)
+
+
+def ask(client, text: str, **kw) -> list[dict]:
+    kw.setdefault("stages", ["quick"])
+    kw.setdefault("max_tokens", 16)
+    return list(client.ask(text, **kw))
+
+
+def wait_jobs(client, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(j["state"] in ("queued", "running", "waiting") for j in client.jobs()["jobs"]):
+        time.sleep(0.05)
+
+
+def cancel_jobs(client) -> None:
+    for job in client.jobs()["jobs"]:
+        if job["state"] in ("queued", "running", "waiting"):
+            client.cancel_job(job["id"])
+    wait_jobs(client)
+
+
+def typed_with_hints(client, text: str, typing_s: float = 1.0, pauses: int = 2) -> list[dict]:
+    """Type ``text`` over ``typing_s``, hinting at ``pauses`` pauses (at word ends, as chat's Hinter
+    does), then press Enter without pausing."""
+    words = text.split(" ")
+    cut_points = sorted({round(len(words) * (i + 1) / (pauses + 1)) for i in range(pauses)})
+    for i, cut in enumerate(cut_points):
+        time.sleep(typing_s / (pauses + 1))
+        client.hint(" ".join(words[:cut]) + " ")
+    time.sleep(typing_s / (pauses + 1))
+    return ask(client, text)
+
+
+def bench_prefill(client, rounds: int) -> dict:
+    cold, hinted, bare, reused = [], [], [], []
+    for i in range(rounds):
+        question = RELATED[i % len(RELATED)]
+        for mode in random.sample(["cold", "hinted", "bare"], 3):  # interleaved, in a random order
+            cancel_jobs(client)
+            client.cache("clear")  # measured here: the prompt, not the cache
+            ask(client, UNRELATED, memory=False)
+            if mode == "hinted":
+                events = typed_with_hints(client, question)
+                end = next(e for e in events if e["event"] == "stage_end" and e["stage"] == "quick")
+                reused.append(end.get("reused_tokens", 0) / max(end.get("prompt_tokens", 1), 1))
+            else:
+                events = ask(client, question, memory=mode == "cold")
+            recalled = next((e for e in events if e["event"] == "context"), {"memory_ids": []})["memory_ids"]
+            assert mode == "bare" or recalled, f"{question!r} recalled no memory"
+            {"cold": cold, "hinted": hinted, "bare": bare}[mode].append(first_token(events))
+    cancel_jobs(client)
+    p50 = {name: statistics.median(v) for name, v in (("cold", cold), ("hinted", hinted), ("no_memory", bare))}
+    return {"first_token_s": {"cold": summary(cold), "hinted": summary(hinted), "no_memory": summary(bare)},
+            "ratio_hinted_to_no_memory_p50": p50["hinted"] / p50["no_memory"],
+            "ratio_cold_to_no_memory_p50": p50["cold"] / p50["no_memory"],
+            "prompt_share_reused_hinted_p50": statistics.median(reused)}
+
+
+def bench_busy(client, rounds: int) -> dict:
+    idle, busy = [], []
+    question = "What is the capital of Spain?"
+    for i in range(rounds):
+        cancel_jobs(client)
+        client.cache("clear")
+        idle.append(first_token(ask(client, question, memory=False)))
+        ask(client, f"Tell me about the history of tea, part {i}.", max_tokens=8)  # its follow-up job starts
+        deadline = time.monotonic() + 30
+        while not any(j["kind"] == "followups" and j["progress"].startswith("answering") for j in client.jobs()["jobs"]):
+            assert time.monotonic() < deadline, "no follow-up job started"
+            time.sleep(0.02)
+        busy.append(first_token(ask(client, question, memory=False)))
+    cancel_jobs(client)
+    return {"first_token_s": {"idle": summary(idle), "busy": summary(busy)},
+            "ratio_p50": statistics.median(busy) / statistics.median(idle),
+            "ratio_p95": summary(busy)["p95"] / summary(idle)["p95"]}
+
+
+def bench_session(client, pairs: int) -> dict:
+    """Each pair's first question, later its paraphrase; the near-misses of questions asked;
+    follow-ups as people ask them, after reading (the follow-up job runs meanwhile)."""
+    client.cache("clear")
+    rng = random.Random(13)
+    chosen = rng.sample(PARAPHRASES, min(pairs, len(PARAPHRASES)))
+    misses = rng.sample(NEAR_MISSES, min(pairs, len(NEAR_MISSES)))
+    hit_t, miss_t, false_hits, paraphrase_hits = [], [], [], 0
+    for original, _ in chosen:
+        ask(client, original)
+        wait_jobs(client)  # the user reads; follow-ups are precomputed
+    for (_, paraphrase) in chosen:
+        events = ask(client, paraphrase)
+        cached = events[0]["speculation"]["cached"]
+        paraphrase_hits += cached is not None
+        (hit_t if cached else miss_t).append(first_token(events))
+    for near in misses:
+        original, other = near[0], near[1]
+        ask(client, original)
+        events = ask(client, other)
+        cached = events[0]["speculation"]["cached"]
+        if cached is not None:
+            false_hits.append({"asked": other, "served": cached["question"], "why_not_caught": near[2:]})
+        else:
+            miss_t.append(first_token(events))
+        wait_jobs(client)
+    stats = client.stats()["speculation"]
+    saved = stats["saved_s"]
+    return {"paraphrases": len(chosen), "paraphrase_hits": paraphrase_hits, "near_misses": len(misses),
+            "false_hits": false_hits, "first_token_s": {"hits": summary(hit_t) if hit_t else None, "misses": summary(miss_t)},
+            "background_tokens": stats["background_tokens"], "saved_s": saved,
+            "background_tokens_per_saved_s": stats["background_tokens"]["spent"] / saved if saved else None}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=16)
+    parser.add_argument("--out", default="bench-results/speculation.json")
+    args = parser.parse_args()
+
+    from mirador.client import Client
+
+    env = {"MIRADOR_JOBS__CPU_SHARE": "1.0", "MIRADOR_JOBS__DAILY_CPU_S": "0"}  # measured: speed, not the rules
+    with private_daemon(env) as (_, paths), Client(paths.endpoint, idle_timeout=180) as client:
+        for fact in FACTS:
+            ask(client, fact, max_tokens=8)
+        cancel_jobs(client)
+        result = {"prefill": bench_prefill(client, args.rounds), "busy": bench_busy(client, args.rounds),
+                  "session": bench_session(client, args.pairs)}
+    p, b, s = result["prefill"], result["busy"], result["session"]
+    ft = p["first_token_s"]
+    print(f"prefill: first token p50 cold {ft['cold']['p50'] * 1000:.0f} ms, hinted {ft['hinted']['p50'] * 1000:.0f} ms, "
+          f"no memory {ft['no_memory']['p50'] * 1000:.0f} ms; hinted/no-memory {p['ratio_hinted_to_no_memory_p50']:.2f} "
+          f"(target <= 1.25), cold/no-memory {p['ratio_cold_to_no_memory_p50']:.2f}; "
+          f"{p['prompt_share_reused_hinted_p50']:.0%} of the prompt was ready")
+    print(f"busy: first token p50 idle {b['first_token_s']['idle']['p50'] * 1000:.0f} ms, while a job generates "
+          f"{b['first_token_s']['busy']['p50'] * 1000:.0f} ms; ratio p50 {b['ratio_p50']:.2f} (<= 1.1), "
+          f"p95 {b['ratio_p95']:.2f} (<= 1.3)")
+    hits = s["first_token_s"]["hits"]
+    print(f"session: {s['paraphrase_hits']}/{s['paraphrases']} paraphrases served from cache, "
+          f"{len(s['false_hits'])} false hits of {s['near_misses']} near-misses; first token hits "
+          f"{hits['p50'] * 1000 if hits else float('nan'):.0f} ms vs misses {s['first_token_s']['misses']['p50'] * 1000:.0f} ms; "
+          f"{s['background_tokens']['spent']} background tokens for {s['saved_s']:.1f} s saved "
+          f"({s['background_tokens_per_saved_s'] or float('nan'):.0f} tokens per saved second)")
+    save(result, args.out)
+
+
+if __name__ == "__main__":
+    main()
