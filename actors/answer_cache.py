@@ -150,14 +150,21 @@ class AnswerCache:
                 hit = {**self._entry(id_, meta, now), "similarity": round(similarity, 4)}
                 break
         if expired:
-            self._guarded(lambda: self._col.delete(ids=expired))
+            self._bookkeep(lambda: self._col.delete(ids=expired))
         if hit is None:
             self._add(lookups=1)
             return {"hit": None, "rejected": rejected}
         hit["hits"] = int(hit["hits"]) + 1
-        self._guarded(lambda: self._col.update(ids=[hit["id"]], metadatas=[{"hits": hit["hits"]}]))
+        self._bookkeep(lambda: self._col.update(ids=[hit["id"]], metadatas=[{"hits": hit["hits"]}]))
         self._add(lookups=1, hits=1, saved_s=hit["duration_s"], tokens_used=hit["tokens"] if hit["hits"] == 1 else 0)
         return {"hit": hit, "rejected": rejected}
+
+    def _bookkeep(self, action: Callable[[], Any]) -> None:
+        """A write a lookup makes on the side: if it fails (a full disk), the lookup still answers."""
+        try:
+            self._guarded(action)
+        except Exception:  # the store's StoreError: already worded, and the next write retries
+            pass
 
     def forget_memory(self, ids: list[str]) -> int:
         """Drop the entries that used any of these memories or came from one of these exchanges."""

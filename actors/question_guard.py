@@ -1,12 +1,15 @@
 """Do two questions that embed alike ask the same thing? The answer cache's guard against false hits.
 
 A sentence embedding scores a question and its negation, or the same question about another
-number or name, 0.83-0.99 cosine (GPTCache's issues; scripts/measure_cache_threshold.py measures
-ours), so similarity alone serves wrong answers. ``disagreement`` compares what embeddings blur:
+number, name or topic, as alike as two paraphrases (MiniLM here, scripts/measure_cache_threshold.py:
+paraphrases 0.81-0.99, negations 0.89-0.99, other numbers 0.74-0.94, other names up to 0.90, the
+same template about another thing up to 0.95), so similarity alone serves wrong answers. ``disagreement`` compares what embeddings blur:
 the numbers, the negations and the names of the two questions, and (given the embedding) their
 topic words. It errs towards "they differ": a refused paraphrase costs one live answer, a false
-hit serves a wrong one. Known misses on the safe side: "twenty five" vs "25", a question typed
-with and without a proper noun ("How far is Paris?" vs "How far is it?").
+hit serves a wrong one. Known refusals of the same question: "twenty five" vs "25", a proper noun
+left out ("How far is Paris?" vs "How far is it?"), a one-word synonym in the same template
+("lower" vs "reduce my bill"). Not caught: a different topic asked in other words ("How do I cook
+rice?" vs "What's the best way to make quinoa?", 0.40-0.69 measured): the threshold keeps those out.
 """
 
 from __future__ import annotations
@@ -25,12 +28,27 @@ NUMBER_WORDS = {
     "sixteen": 16, "seventeen": 17, "eighteen": 18, "nineteen": 19, "twenty": 20, "hundred": 100,
     "thousand": 1000, "million": 10**6, "billion": 10**9,
     "first": 1, "second": 2, "third": 3, "fourth": 4, "fifth": 5, "sixth": 6, "seventh": 7, "eighth": 8,
-    "ninth": 9, "tenth": 10,
+    "ninth": 9, "tenth": 10, "dozen": 12, "half": 0.5, "quarter": 0.25, "twice": 2, "double": 2, "triple": 3,
 }
 NEGATIONS = {"not", "no", "never", "without", "none", "nobody", "nothing", "neither", "nor", "cannot"}
 # Contractions as people type them without the apostrophe ("dont", "isnt").
 BARE_NT = {"dont", "doesnt", "didnt", "isnt", "arent", "wasnt", "werent", "cant", "wont", "wouldnt", "shouldnt",
            "couldnt", "hasnt", "havent", "hadnt", "aint", "mustnt", "neednt"}
+# Opposites embed as alike as negations ("eat before a run" / "eat after running": 0.88): a
+# question with one side's word and not the other's asks the opposite of one with the other's.
+OPPOSITES = [(set(x.split()), set(y.split())) for x, y in (
+    ("before", "after"), ("hot warm warmer hotter", "cold cool colder cooler"), ("summer", "winter"),
+    ("increase raise boost more", "decrease reduce lower less fewer"), ("buy buying", "sell selling"),
+    ("gain", "lose"), ("win", "lose"), ("on", "off"), ("start", "stop"), ("open", "close"),
+    ("up", "down"), ("inside indoor indoors", "outside outdoor outdoors"), ("above", "below"),
+    ("best", "worst"), ("pros", "cons"), ("advantages", "disadvantages"), ("minimum min", "maximum max"),
+    ("early earlier", "late later"), ("day", "night"), ("morning", "evening"), ("young", "old"),
+    ("cheap cheapest", "expensive"), ("fast faster fastest quick", "slow slower slowest"),
+    ("big bigger biggest large", "small smaller smallest"), ("high higher highest", "low lower lowest"),
+    ("add", "remove"), ("import", "export"), ("true", "false"), ("left", "right"), ("north", "south"),
+    ("east", "west"), ("men male", "women female"), ("wet", "dry"), ("light", "dark"), ("safe", "dangerous"),
+    ("legal", "illegal"), ("healthy", "unhealthy"), ("possible", "impossible"), ("like", "dislike"),
+)]
 # Words a question is built from whatever it asks about: articles, pronouns, auxiliaries,
 # question words and the light prepositions. A paraphrase swaps these freely ("How do I... in
 # CSS" / "How can I... with CSS"); the topic check compares the other words. Prepositions that
@@ -49,6 +67,10 @@ please of in on at to for with by from into about per as
 # lower/reduce 0.50), so only a near-identical template is judged, never a reworded question.
 SWAP_WORDS = 2
 SYNONYM = 0.8
+# A template is also its frame: the question words and light prepositions, in order ("what ...
+# of ..."). A paraphrase usually changes it ("What causes headaches?" / "Why do people get
+# headaches?"); a swapped topic keeps it ("What is the price of gold/silver?").
+FRAME = set("what which who whom whose when where why how of in on at to for with by from into about per as".split())
 
 Embed = Callable[[Sequence[str]], Sequence[np.ndarray]]
 
@@ -67,7 +89,7 @@ def numbers(text: str) -> set[str]:
             found.add(f"{float(digits.replace(',', '' if grouped else '.')):.12g}")
         except ValueError:  # "1.2.3": a version, compared as written
             found.add(digits)
-    found.update(str(NUMBER_WORDS[t.lower()]) for t in _tokens(text) if t.lower() in NUMBER_WORDS)
+    found.update(f"{NUMBER_WORDS[t.lower()]:.12g}" for t in _tokens(text) if t.lower() in NUMBER_WORDS)
     return found
 
 
@@ -81,6 +103,8 @@ def names(text: str) -> dict[str, str]:
     """The named entities of a question, lower-cased -> as written: capitalised words that do not
     start a sentence, ALL-CAPS acronyms, and words with inner capitals or digits ("iPhone", "GPT4")."""
     found: dict[str, str] = {}
+    if not any(c.islower() for c in text) and len(text.split()) >= 3:
+        return found  # TYPED IN CAPITALS: the case tells nothing
     initial = True  # the next word starts a sentence
     for match in re.finditer(r"[.!?:;\n]|" + TOKEN.pattern, text):
         word = re.sub(r"['’]s$", "", match.group())
@@ -99,6 +123,21 @@ def names(text: str) -> dict[str, str]:
 
 def _words(text: str) -> set[str]:
     return {t.lower() for t in _tokens(text)}
+
+
+def opposites(wa: set[str], wb: set[str]) -> tuple[str, str] | None:
+    """A word of one side of an ``OPPOSITES`` pair in ``wa`` and of the other in ``wb`` (each
+    question only on its own side): the two words, else None."""
+    for x, y in OPPOSITES:
+        for one, other in ((x, y), (y, x)):
+            if wa & one and not wa & other and wb & other and not wb & one:
+                return sorted(wa & one)[0], sorted(wb & other)[0]
+    for one, other in ((wa, wb), (wb, wa)):  # connect/disconnect, install/uninstall, lock/unlock
+        for word in sorted(one - other):
+            undone = {p + word for p in ("un", "dis", "de")} & (other - one)
+            if undone and len(word) > 3:
+                return (word, undone.pop()) if one is wa else (undone.pop(), word)
+    return None
 
 
 def _stem(word: str) -> str:
@@ -123,10 +162,44 @@ def _topic_words(text: str) -> list[str]:
     return out
 
 
+def _frame(text: str) -> list[str]:
+    return [w for w in (t.lower().replace("’", "'").split("'")[0] for t in _tokens(text)) if w in FRAME]
+
+
+DETERMINERS = set("a an the this that these those some any my your our their his her its".split())
+RELATIONS = ("from", "than", "vs", "versus")  # the word after one says which way round a question goes
+
+
+def reordered(a: str, b: str) -> str | None:
+    """The same words in another order, which embeddings barely see (0.97-0.99 measured): "Is Python
+    faster than Java?" / "Is Java faster than Python?", "to the airport from downtown" / "downtown
+    from the airport". What one question has in order, else None. Compound nouns reworded ("a list
+    in python" / "a python list") are not reorders: the words differ ("in")."""
+    ta = [_stem(t.lower()) for t in _tokens(a) if t.lower() not in DETERMINERS]
+    tb = [_stem(t.lower()) for t in _tokens(b) if t.lower() not in DETERMINERS]
+    wa, wb = [_stem(w) for w in _topic_words(a)], [_stem(w) for w in _topic_words(b)]
+    if len(wa) > 1 and sorted(ta) == sorted(tb) and wa != wb:
+        return " ".join(wa)
+    for relation in RELATIONS:
+        xa, xb = _after(ta, relation), _after(tb, relation)
+        if xa and xb and xa != xb and xa in tb and xb in ta:
+            return f"{relation} {xa} vs {relation} {xb}"
+    return None
+
+
+def _after(tokens: list[str], relation: str) -> str | None:
+    """The first topic word after ``relation`` in ``tokens``."""
+    if relation in tokens:
+        return next((t for t in tokens[tokens.index(relation) + 1:] if t not in SCAFFOLD), None)
+    return None
+
+
 def topic_swap(a: str, b: str, embed: Embed) -> tuple[list[str], list[str]] | None:
     """The words swapped between two questions of one template ("function of a TV" / "function of
-    money"): (a's, b's); None when they are not such a swap (worded differently, or one only adds
-    words) or the swapped words are synonyms."""
+    money"): (a's, b's); None when they are not such a swap (another frame or wording, or one only
+    adds words) or the swapped words are synonyms."""
+    if _frame(a) != _frame(b):
+        return None
     wa, wb = _topic_words(a), _topic_words(b)
     blocks = [op for op in SequenceMatcher(None, [_stem(w) for w in wa], [_stem(w) for w in wb], autojunk=False).get_opcodes()
               if op[0] != "equal"]
@@ -137,26 +210,28 @@ def topic_swap(a: str, b: str, embed: Embed) -> tuple[list[str], list[str]] | No
     if len(only_a) > SWAP_WORDS or len(only_b) > SWAP_WORDS or len(wa) == len(only_a):
         return None  # a whole question replaced is a rewording, not a slot of one template
     sims = _vectors(tuple(only_a), embed) @ _vectors(tuple(only_b), embed).T  # unit vectors: cosine
+    for i, x in enumerate(only_a):  # one side of an OPPOSITES pair is a synonym set ("lower"/"reduce")
+        for j, y in enumerate(only_b):
+            if any(x in side and y in side for pair in OPPOSITES for side in pair):
+                sims[i, j] = 1.0
     if (sims.max(axis=1) >= SYNONYM).all() and (sims.max(axis=0) >= SYNONYM).all():
         return None
     return only_a, only_b
 
 
+# Single-word embeddings, kept: the same topic words come back with every lookup. Keyed by the
+# embedding object too, so a store with another model never reads these.
+_word_vectors: dict[tuple[int, str], np.ndarray] = {}
+
+
 def _vectors(words: tuple[str, ...], embed: Embed) -> np.ndarray:
-    return np.stack([_word_vector(w, embed) for w in words])
-
-
-_word_cache: dict[tuple[int, str], np.ndarray] = {}
-
-
-def _word_vector(word: str, embed: Embed) -> np.ndarray:
-    """One word's embedding, kept: the same topic words come back with every lookup."""
-    key = (id(embed), word)
-    if key not in _word_cache:
-        if len(_word_cache) > 20_000:
-            _word_cache.clear()
-        _word_cache[key] = np.asarray(embed([word])[0], dtype=np.float32)
-    return _word_cache[key]
+    missing = [w for w in dict.fromkeys(words) if (id(embed), w) not in _word_vectors]
+    if missing:
+        if len(_word_vectors) > 20_000:
+            _word_vectors.clear()
+        for word, vector in zip(missing, embed(missing)):
+            _word_vectors[(id(embed), word)] = np.asarray(vector, dtype=np.float32)
+    return np.stack([_word_vectors[(id(embed), w)] for w in words])
 
 
 def disagreement(a: str, b: str, embed: Embed | None = None) -> str | None:
@@ -176,6 +251,12 @@ def disagreement(a: str, b: str, embed: Embed | None = None) -> str | None:
     missing_b = [w for k, w in eb.items() if k not in wa]
     if missing_a or missing_b:
         return f"names differ: {', '.join(missing_a) or 'none'} vs {', '.join(missing_b) or 'none'}"
+    opposite = opposites(wa, wb)
+    if opposite:
+        return f"opposites: {opposite[0]} vs {opposite[1]}"
+    order = reordered(a, b)
+    if order:
+        return f"word order differs: {order}"
     if embed is not None:
         swap = topic_swap(a, b, embed)
         if swap:

@@ -2,9 +2,10 @@
 
 ``PARAPHRASES``: the same question in other words (a cache hit is right).
 ``NEAR_MISSES``: questions that share most words but ask something else (a cache hit is a false
-answer), each tagged with why: ``number``, ``negation``, ``entity`` (a different name) or
-``topic`` (the same template about a different thing, GPTCache's "function of a TV" served "function
-of money"). Used by scripts/measure_cache_threshold.py to pick ``[cache] threshold`` and by the
+answer), each tagged with why: ``number``, ``negation``, ``entity`` (a different name), ``topic``
+(the same template about a different thing, GPTCache's "function of a TV" served "function of
+money"; a few reworded too), ``opposite`` (before/after, buy/sell) or ``order`` (the same words
+in another order). Used by scripts/measure_cache_threshold.py to pick ``[cache] threshold`` and by the
 speculation benchmark's scripted session. Varied everyday domains on purpose; some are typed in
 lower case, as people type.
 """
@@ -60,6 +61,39 @@ PARAPHRASES: list[tuple[str, str]] = [
     ("how much water should i drink per day", "how much water should i drink every day"),
     ("Can dogs eat grapes?", "Is it safe for dogs to eat grapes?"),
     ("How do I back up my laptop?", "What's the best way to back up my laptop?"),
+    # Two held-out sets, written after the guard and run once (the report says what they found):
+    ("How do I get rid of hiccups?", "What's a cure for hiccups?"),
+    ("What is a good way to save money?", "How can I save more money?"),
+    ("How long does it take to walk a mile?", "How many minutes does walking a mile take?"),
+    ("What is the best way to learn to code?", "How should I learn programming?"),
+    ("Why do cats purr?", "What makes cats purr?"),
+    ("How do I unclog a drain?", "What's the best way to unblock a drain?"),
+    ("What are good exercises for back pain?", "Which exercises help with back pain?"),
+    ("How do I make cold brew coffee?", "What's the method for making cold brew coffee?"),
+    ("Is it safe to swim after eating?", "Can I swim right after eating?"),
+    ("How do I choose a good watermelon?", "How can I pick a ripe watermelon?"),
+    ("What do bees do in winter?", "How do bees spend the winter?"),
+    ("how do i tie a tie", "how to tie a necktie"),
+    ("What is the difference between weather and climate?", "How does weather differ from climate?"),
+    ("How do I stop my glasses from fogging up?", "How can I keep my glasses from fogging?"),
+    ("Where do rainbows come from?", "How are rainbows formed?"),
+    ("What should I do if I get stung by a bee?", "How do I treat a bee sting?"),
+    ("How do I keep basil alive indoors?", "How can I stop my indoor basil from dying?"),
+    ("What's the best way to fall asleep fast?", "How can I fall asleep quickly?"),
+    ("How do I descale a kettle?", "How do you remove limescale from a kettle?"),
+    ("What does HTTP stand for?", "What is HTTP short for?"),
+    ("How often should I change my toothbrush?", "When should I replace my toothbrush?"),
+    ("Why do onions make you cry?", "Why does cutting onions make me cry?"),
+    ("How do I make my sourdough more sour?", "How can I get a more sour sourdough?"),
+    ("What is a Roth IRA?", "Can you explain what a Roth IRA is?"),
+    ("How do I get my toddler to eat vegetables?", "How can I make my toddler eat vegetables?"),
+    ("what is the population of brazil", "how many people live in brazil"),
+    ("How should I store fresh herbs?", "What's the best way to keep fresh herbs?"),
+    ("How do noise cancelling headphones work?", "How does noise cancellation in headphones work?"),
+    ("Is it bad to crack your knuckles?", "Is cracking your knuckles harmful?"),
+    ("How do I polish leather shoes?", "What's the way to polish leather shoes?"),
+    ("What causes thunder?", "Why does thunder happen?"),
+    ("How do I write a haiku?", "How do you write a haiku poem?"),
 ]
 
 NEAR_MISSES: list[tuple[str, str, str]] = [
@@ -72,6 +106,7 @@ NEAR_MISSES: list[tuple[str, str, str]] = [
     ("What is the square root of 144?", "What is the square root of 169?", "number"),
     ("How many grams of flour for two loaves of bread?", "How many grams of flour for three loaves of bread?", "number"),
     ("Who won the first Tour de France?", "Who won the second Tour de France?", "number"),
+    ("How many eggs are in a dozen?", "How many eggs are in half a dozen?", "number"),
     ("What is 2.5 percent of 400?", "What is 3.5 percent of 400?", "number"),
     ("How much is a ten minute taxi ride?", "How much is a twenty minute taxi ride?", "number"),
     ("What did people eat in the 1800s?", "What did people eat in the 1900s?", "number"),
@@ -121,6 +156,51 @@ NEAR_MISSES: list[tuple[str, str, str]] = [
     ("How do I wash a wool sweater?", "How do I wash a silk shirt?", "topic"),
     ("What is the boiling point of water?", "What is the boiling point of ethanol?", "topic"),
     ("What should I eat before a run?", "What should I eat after a run?", "topic"),
+    # the opposite, often reworded too (opposites embed as alike as negations)
+    ("What should I eat before a run?", "What's good to eat after running?", "opposite"),
+    ("How do I make my room warmer?", "How do I make my room colder?", "opposite"),
+    ("What are the pros of remote work?", "What are the cons of remote work?", "opposite"),
+    ("When is the best time to buy a car?", "When is the best time to sell a car?", "opposite"),
+    ("How can I increase my heart rate?", "How do I lower my heart rate?", "opposite"),
+    ("What is the fastest way to gain weight?", "What is the fastest way to lose weight?", "opposite"),
+    ("How do I turn on my router?", "How do I turn off my router?", "opposite"),
+    ("What should I wear in summer?", "What clothes should I wear for winter?", "opposite"),
+    # the same words in another order (added after a held-out check found them served)
+    ("Is Python faster than Java?", "Is Java faster than Python?", "order"),
+    ("How do I get to the airport from downtown?", "How do I get downtown from the airport?", "order"),
+    ("Should I convert dollars to euros?", "Should I convert euros to dollars?", "order"),
+    ("Can a dog eat cat food?", "Can a cat eat dog food?", "order"),
+    # the two held-out sets (see PARAPHRASES)
+    ("How many eggs are in a dozen?", "How many eggs are in half a dozen?", "number"),
+    ("What is 15 percent of 80?", "What is 20 percent of 80?", "number"),
+    ("Can I freeze cooked rice?", "Can't I freeze cooked rice?", "negation"),
+    ("Is it safe to drink tap water in Mexico?", "Is it safe to drink tap water in Norway?", "entity"),
+    ("How do I make iced tea?", "How do I make iced coffee?", "topic"),
+    ("What is the best way to cook salmon?", "What is the best way to cook tofu?", "topic"),
+    ("How do I stop snoring?", "How do I start snoring?", "opposite"),
+    ("When does the sun rise in December?", "When does the sun set in December?", "topic"),
+    ("how do i remove a wasp nest", "how do i remove a bird nest", "topic"),
+    ("What is the capital of Australia?", "What is the capital of Austria?", "entity"),
+    ("How much should a 3 month old puppy eat?", "How much should a 6 month old puppy eat?", "number"),
+    ("Why is my basil dying?", "Why is my mint dying?", "topic"),
+    ("Should I use a comma before and?", "Should I use a comma before but?", "topic"),
+    ("What wine goes with fish?", "What wine goes with steak?", "topic"),
+    ("How many teaspoons are in a tablespoon?", "How many teaspoons are in a cup?", "topic"),
+    ("Is 2023 a leap year?", "Is 2024 a leap year?", "number"),
+    ("Why won't my dishwasher drain?", "Why does my dishwasher drain?", "negation"),
+    ("What time does the sun set in Oslo?", "What time does the sun set in Rome?", "entity"),
+    ("How do I iron a shirt?", "How do I iron a dress?", "topic"),
+    ("Which is heavier, a kilo of feathers or a kilo of steel?", "Which is heavier, a pound of feathers or a kilo of steel?", "topic"),
+    ("What are the side effects of aspirin?", "What are the benefits of aspirin?", "topic"),
+    ("How do I defrost chicken quickly?", "How do I marinate chicken quickly?", "topic"),
+    ("Is it OK to give my dog cheese?", "Is it OK to give my cat cheese?", "topic"),
+    ("What is the tallest building in Dubai?", "What is the oldest building in Dubai?", "topic"),
+    ("How do I connect my phone to the TV?", "How do I disconnect my phone from the TV?", "opposite"),
+    ("Should I stretch before running?", "Should I stretch after running?", "opposite"),
+    ("what temperature should i bake cookies at", "what temperature should i bake bread at", "topic"),
+    ("How long does a passport take to renew in the US?", "How long does a passport take to renew in the UK?", "entity"),
+    ("How do I say thank you in French?", "How do I say thank you in Italian?", "entity"),
+    ("How much sleep does a teenager need?", "How much sleep does a baby need?", "topic"),
     # a different topic, reworded too: no template to compare, only the threshold keeps these out
     ("How do I cook rice?", "What's the best way to make quinoa?", "topic"),
     ("What is the price of gold?", "How much does an ounce of silver cost?", "topic"),

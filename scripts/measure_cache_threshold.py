@@ -19,7 +19,7 @@ THRESHOLDS = [0.60, 0.65, 0.70, 0.75, 0.78, 0.80, 0.82, 0.85, 0.90]
 
 
 def spread(values: list[float]) -> str:
-    q = statistics.quantiles(values, n=10)
+    q = statistics.quantiles(values, n=10, method="inclusive")
     return (f"n={len(values):3d} min {min(values):.3f}  p10 {q[0]:.3f}  median {statistics.median(values):.3f}  "
             f"p90 {q[-1]:.3f}  max {max(values):.3f}")
 

@@ -56,8 +56,9 @@ def test_a_paraphrase_is_served_with_its_similarity_and_age(store):
     ("How long do I boil an egg for 2 people?", "How long do I boil an egg for 6 people?", "numbers differ: 6 vs 2"),  # the asked question first
     ("Is it safe to eat raw eggs?", "Is it not safe to eat raw eggs?", "one is negated"),
     ("How do I install Python on Windows?", "How do I install Python on Ubuntu?", "names differ: Ubuntu vs Windows"),
-    ("What should I wear in summer?", "What should I wear in winter?", "topics differ: winter vs summer"),
-    ("What should I eat before a run?", "What should I eat after a run?", "topics differ: after vs before"),
+    ("What is the best temperature for a fridge?", "What is the best temperature for a freezer?",
+     "topics differ: freezer vs fridge"),
+    ("What should I eat before a run?", "What's good to eat after running?", "opposites: after vs before"),
 ])
 def test_a_near_miss_above_the_threshold_is_refused_and_says_why(store, cached, asked, why):
     store.cache_put(entry(cached))
@@ -156,7 +157,7 @@ def test_the_shipped_threshold_serves_most_paraphrases_and_no_near_miss(store):
     vectors = embed([t for a, b, *_ in [*PARAPHRASES, *NEAR_MISSES] for t in (a, b)])
     cosine = [float(vectors[2 * i] @ vectors[2 * i + 1]) for i in range(len(vectors) // 2)]
     served = [c >= THRESHOLD and disagreement(a, b, embed) is None for (a, b, *_), c in zip([*PARAPHRASES, *NEAR_MISSES], cosine)]
-    assert sum(served[:len(PARAPHRASES)]) >= 40
+    assert sum(served[:len(PARAPHRASES)]) >= 0.9 * len(PARAPHRASES)
     assert [pair for pair, s in zip(NEAR_MISSES, served[len(PARAPHRASES):]) if s] == []
 
 
@@ -167,7 +168,7 @@ def test_the_shipped_threshold_serves_most_paraphrases_and_no_near_miss(store):
     ("Why don't cats like water?", "Why do cats not like water?"),
     ("Is it not true that nothing is free?", "Is nothing free?"),  # two negations vs one: parity differs
     ("what is the capital of france", "What is the capital of France?"),
-    ("Paris is lovely. Where should I eat?", "Where should I eat? Paris is lovely."),
+    ("Berlin or Munich for a weekend?", "berlin or munich for a weekend"),  # names compare lower-cased
     ("What's new in the iPhone 15?", "What is new in the iPhone 15?"),
 ])
 def test_questions_that_agree_or_differ_on_structure(a, b):
@@ -188,6 +189,14 @@ def test_questions_that_agree_or_differ_on_structure(a, b):
     ("Is GPT4 good at maths?", "Is Llama good at maths?", "names differ: GPT4 vs Llama"),
     ("How do I reset an iPhone?", "How do I reset a phone?", "names differ: iPhone vs none"),
     ("What does NASA do?", "What does ESA do?", "names differ: NASA vs ESA"),
+    ("What should I wear in summer?", "What clothes should I wear for winter?", "opposites: summer vs winter"),
+    ("When is the best time to buy a car?", "When's the best time to sell a car?", "opposites: buy vs sell"),
+    ("How can I increase my heart rate?", "How do I lower my heart rate?", "opposites: increase vs lower"),
+    ("How do I connect my phone to the TV?", "How do I disconnect my phone from the TV?", "opposites: connect vs disconnect"),
+    ("Is Python faster than Java?", "Is Java faster than Python?", "word order differs: python faster than java"),
+    ("How do I get to the airport from downtown?", "How do I get downtown from the airport?",
+     "word order differs: from downtown vs from airport"),
+    ("How many eggs are in a dozen?", "How many eggs are in half a dozen?", "numbers differ: none vs 0.5"),
 ])
 def test_questions_that_differ_say_how(a, b, why):
     assert disagreement(a, b) == why
@@ -202,5 +211,6 @@ def test_the_topic_check_needs_the_embedding_and_tells_swaps_from_synonyms(store
     assert disagreement("How do I cook rice?", "How do I cook quinoa?", embed) == "topics differ: rice vs quinoa"
     assert disagreement("How do I change a flat tire?", "How do I change a flat tyre?", embed) is None  # synonyms
     assert disagreement("How do fridges work?", "How does a refrigerator work?", embed) is None
+    assert disagreement("How do I lower my bill?", "How do I reduce my bill?", embed) is None  # one side of an opposite pair
     assert disagreement("How do I boil an egg?", "How do I boil an egg quickly?", embed) is None  # one side only adds
     assert disagreement("What can I do to sleep better?", "How can I improve my sleep?", embed) is None  # reworded
