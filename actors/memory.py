@@ -27,6 +27,7 @@ from typing import Any
 
 import ray
 
+from .answer_cache import AnswerCache
 from .node import node_info
 
 COLLECTION = "memories"
@@ -69,7 +70,7 @@ def _size(path: Path) -> int:
 class Memories:
     """The store itself; ``MemoryStore`` below is this class as a Ray actor."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, cache_max_entries: int = 2000):
         from .embedding import MiniLMEmbedding  # first: it turns onnxruntime's telemetry off before anything imports it
 
         self.path = Path(path)
@@ -78,6 +79,8 @@ class Memories:
         self._embed = MiniLMEmbedding()
         self._writing = threading.Lock()  # one write at a time: a reopen must not pull the client from under one
         self._reopen = False  # a write failed: open the client afresh before the next one
+        # Cached quick answers: a second collection of the same client, the same embedding and write guard.
+        self.cache = AnswerCache(self._embed, self.path / "answer_cache.json", cache_max_entries, self._guarded)
         self._open()
 
     def _open(self) -> None:
@@ -88,6 +91,7 @@ class Memories:
         SharedSystemClient.clear_system_cache()  # else Chroma hands back the same (stuck) client
         self._client = chromadb.PersistentClient(str(self.path), settings=Settings(anonymized_telemetry=False))
         self._col = self._collection()
+        self.cache.attach(self._client)
 
     def _collection(self) -> Any:
         return self._client.get_or_create_collection(
@@ -117,6 +121,11 @@ class Memories:
 
     def _write(self, method: str, **batch: Any) -> None:
         """``self._col.<method>(**batch)``, refused while the disk is (nearly) full."""
+        self._guarded(lambda: getattr(self._col, method)(**batch))
+
+    def _guarded(self, action: Any) -> Any:
+        """Run a write to the store, ``action()``, refused while the disk is (nearly) full. The action
+        reads its collection when called: a reopen before it replaces the collections."""
         with self._writing:
             try:
                 if shutil.disk_usage(self.path).free < MIN_FREE_BYTES:
@@ -124,7 +133,7 @@ class Memories:
                 if self._reopen:
                     self._open()
                     self._reopen = False
-                getattr(self._col, method)(**batch)
+                return action()
             except Exception as exc:
                 if not isinstance(exc, OSError) or exc.errno != errno.ENOSPC:
                     self._reopen = True  # Chroma failed a write: do not trust this client with another
@@ -205,6 +214,7 @@ class Memories:
         found = self._col.get(ids=list(dict.fromkeys(ids)), include=[])["ids"] if ids else []
         if found:
             self._write("delete", ids=found)
+        self.cache.forget_memory(list(ids))  # an answer given these memories (or from these exchanges) goes too
         return len(found)
 
     def forget_all(self) -> int:
@@ -212,7 +222,24 @@ class Memories:
             count = self._col.count()
             self._client.delete_collection(COLLECTION)
             self._col = self._collection()
+        self.cache.clear()
         return count
+
+    # -- the answer cache (actors/answer_cache.py), as actor methods ---------------------
+    def cache_put(self, entry: dict[str, Any]) -> str:
+        return self.cache.put(entry)
+
+    def cache_lookup(self, text: str, key: str, threshold: float, ttl_s: float) -> dict[str, Any]:
+        return self.cache.lookup(text, key, threshold, ttl_s)
+
+    def cache_list(self, limit: int = 50) -> list[dict[str, Any]]:
+        return self.cache.list(limit)
+
+    def cache_clear(self) -> int:
+        return self.cache.clear()
+
+    def cache_stats(self) -> dict[str, Any]:
+        return self.cache.stats()
 
     def stats(self) -> dict[str, Any]:
         return {"memories": self._col.count(), "bytes": _size(self.path), "path": str(self.path), **node_info()}
