@@ -372,7 +372,7 @@ class Daemon:
         here = Placement()  # the learner's data and the battery read are this machine's
         if self.config.memory.enabled:
             self.memory = create(MemoryStore, "memory", self.config.memory.placement, ns, "memory.placement",
-                                 str(self.paths.data / "memory"))
+                                 str(self.paths.data / "memory"), self.config.cache.max_entries)
         if self.config.learning_enabled:
             self.learner = create(Learner, "learner", here, ns, "learner", str(self.paths.data / "learning.sqlite3"))
         energy = self.config.energy

@@ -35,8 +35,9 @@ from .orchestrator import Ask, Orchestrator, Step, StepResult, build_messages
 log = logging.getLogger("mirador.speculation")
 
 PREEMPT_RETRIES = 3  # a step preempted by questions this many times is given up
-FOLLOWUP_PROMPT = ("You predict what a user will ask next. Reply with the {n} questions this user is most likely "
-                   "to ask next, one per line, each a complete question, nothing else.")
+# Asked as the user's next turn of the conversation: SmolLM2-135M echoed a "predict the next
+# questions" system prompt back, but lists questions when asked this way.
+FOLLOWUP_PROMPT = "List {n} other questions I might ask you about this topic, numbered 1 to {n}."
 FRESH_PREFILL_S = 300.0  # a prefill older than this is not counted as having warmed a question
 
 
@@ -47,13 +48,13 @@ def cache_key(step: Step) -> str:
 
 
 def parse_followups(text: str, n: int, asked: str) -> list[str]:
-    """The questions in the model's reply: numbering and bullets stripped, duplicates and the
-    question just asked dropped."""
+    """The questions in the model's reply: numbering and bullets stripped; lines that are not
+    questions, duplicates and the question just asked dropped."""
     out: list[str] = []
     for line in text.splitlines():
         question = re.sub(r"^\s*(?:[-*•]|\d+[.)]|Q\d*:)\s*", "", line).strip().strip('"')
-        if len(question) >= 8 and question.lower() != asked.strip().lower() and question not in out:
-            out.append(question if question.endswith("?") else question + "?")
+        if len(question) >= 8 and question.endswith("?") and question.lower() != asked.strip().lower() and question not in out:
+            out.append(question)
     return out[:n]
 
 
@@ -184,9 +185,8 @@ class Speculation:
         n = self.config.jobs.followups
 
         async def work(job: Job) -> None:
-            predict = [{"role": "system", "content": FOLLOWUP_PROMPT.format(n=n)},
-                       {"role": "user", "content": f"The user asked: {ask.text}\n\nThe answer was: {answer[:800]}\n\n"
-                                                   f"Write the user's {n} most likely next questions."}]
+            predict = [{"role": "user", "content": ask.text}, {"role": "assistant", "content": answer[:800]},
+                       {"role": "user", "content": FOLLOWUP_PROMPT.format(n=n)}]
             text, _ = await self._generate(job, step, predict, 24 * n + 16, None)
             questions = parse_followups(text, n, ask.text)
             job.result["questions"] = questions

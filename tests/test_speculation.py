@@ -163,12 +163,17 @@ def test_a_question_preempts_follow_up_speculation_within_a_token_and_the_job_re
     started = time.time()
     ask(daemon, "How do I make a cup of green tea?", max_tokens=12)
     job = wait_followups(daemon, started)
-    assert job["state"] in ("running", "waiting", "done")
+    with daemon.home.client() as client:  # the quick model is generating the follow-up's answer now
+        deadline = time.monotonic() + 10
+        while not next(a for a in client.status()["actors"] if a["stage"] == "quick")["generating"]:
+            assert time.monotonic() < deadline, "the follow-up job never generated"
+            time.sleep(0.01)
     events = ask(daemon, "What is the capital of Italy?", max_tokens=6, memory=False)
     assert done_event(events)["cancelled"] is False
     job = wait_job(daemon, job["id"])
     assert job["state"] == "done", job  # it went on once the question was answered
     assert job["result"]["questions"]  # the predicted follow-up questions
+    assert job["result"].get("preempted"), json.dumps(job)
     (preempted, *_) = job["result"]["preempted"]
     assert preempted["tokens"] < 400  # stopped part-way through its answer ...
     assert preempted["yield_s"] < 0.5  # ... and gave the model back at the next token (~10 ms here)
