@@ -1,15 +1,18 @@
 """Do two questions that embed alike ask the same thing? The answer cache's guard against false hits.
 
 A sentence embedding scores a question and its negation, or the same question about another
-number, name or topic, as alike as two paraphrases (MiniLM here, scripts/measure_cache_threshold.py:
-paraphrases 0.81-0.99, negations 0.89-0.99, other numbers 0.74-0.94, other names up to 0.90, the
-same template about another thing up to 0.95), so similarity alone serves wrong answers. ``disagreement`` compares what embeddings blur:
-the numbers, the negations and the names of the two questions, and (given the embedding) their
-topic words. It errs towards "they differ": a refused paraphrase costs one live answer, a false
-hit serves a wrong one. Known refusals of the same question: "twenty five" vs "25", a proper noun
-left out ("How far is Paris?" vs "How far is it?"), a one-word synonym in the same template
-("lower" vs "reduce my bill"). Not caught: a different topic asked in other words ("How do I cook
-rice?" vs "What's the best way to make quinoa?", 0.40-0.69 measured): the threshold keeps those out.
+number, name or topic, as alike as two paraphrases (MiniLM here, scripts/measure_cache_threshold.py
+over scripts/cache_pairs.py: paraphrases 0.68-0.99, median 0.94; negations 0.89-0.99; other
+numbers 0.74-0.95; opposites 0.66-0.97; the same words reordered 0.97-1.00; another name or the
+same template about another thing up to 0.90 and 0.99), so similarity alone serves wrong answers.
+``disagreement`` compares what embeddings blur: numbers, negations, names, opposites (before/after)
+and word order, and, given the embedding, a topic swapped in the same template ("function of a
+TV" / "function of money"). It errs towards "they differ": a refused paraphrase costs one live
+answer, a false hit serves a wrong one. Refused though the same: "twenty five" vs "25", a proper
+noun left out ("How far is Paris?" vs "How far is it?"), a loose synonym in the same template
+("What does HTTP stand for / is HTTP short for"). Not caught: another topic asked in other words
+("How do I cook rice?" / "What's the best way to make quinoa?", 0.40-0.69 measured): the
+threshold keeps those out.
 """
 
 from __future__ import annotations
@@ -235,8 +238,10 @@ def _vectors(words: tuple[str, ...], embed: Embed) -> np.ndarray:
 
 
 def disagreement(a: str, b: str, embed: Embed | None = None) -> str | None:
-    """None when two questions agree on numbers, negations and names (and, given ``embed``, on
-    their topic words); else why they differ, in a few words."""
+    """None when two questions agree on numbers, negations, names, opposites and word order (and,
+    given ``embed``, are not one template with a topic swapped); else why they differ, in a few
+    words, ``a``'s side first ("numbers differ: 3 vs 4", "one is negated", "names differ: Paris vs
+    London", "opposites: before vs after", "word order differs: ...", "topics differ: tv vs money")."""
     na, nb = numbers(a), numbers(b)
     if na != nb:
         return f"numbers differ: {_show(na - nb)} vs {_show(nb - na)}"
