@@ -78,13 +78,14 @@ class Speculation:
                 stream = actor.generate.options(num_returns="streaming").remote(
                     rid, messages, max_tokens, step.temperature, list(step.models), memories,
                     self.config.memory.context_tokens, None, True)
-                pieces, end = [], {}
+                pieces, confidences, end = [], [], {}
                 async for ref in stream:
                     item = await ref
                     if "text" in item:
                         pieces.append(item["text"])
+                        confidences.append(item["confidence"])
                     elif "end" in item:
-                        end = item
+                        end = {**item, "confidence": sum(confidences) / len(confidences) if confidences else 0.0}
                 return "".join(pieces), end
 
             text, end = await self.jobs.step(job, call, lambda: actor.cancel.remote(rid))
@@ -198,10 +199,11 @@ class Speculation:
                 before = job.tokens
                 answer_text, end = await self._generate(job, step, messages, min(step.max_tokens, self.config.jobs.followup_max_tokens),
                                                         memories)
-                if answer_text.strip():
-                    self._cache_put({"question": question, "answer": answer_text, "key": cache_key(step), "source": "followup",
-                                     "memories": [m["id"] for m in memories], "query_id": "", "tokens": job.tokens - before,
-                                     "duration_s": end.get("duration_s") or 0.0, "confidence": 0.0})
+                if answer_text.strip():  # awaited: a job that is done has its answers in the cache
+                    await self.memory.cache_put.remote({
+                        "question": question, "answer": answer_text, "key": cache_key(step), "source": "followup",
+                        "memories": [m["id"] for m in memories], "query_id": "", "tokens": job.tokens - before,
+                        "duration_s": end.get("duration_s") or 0.0, "confidence": end.get("confidence") or 0.0})
             job.progress = f"cached {len(questions)} follow-up answers"
 
         self.jobs.submit("followups", step.name, work, detail=ask.text[-80:])

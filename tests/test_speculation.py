@@ -95,6 +95,15 @@ def no_followups(daemon):
             wait_job(daemon, job["id"])
 
 
+def wait_cached(daemon, question, timeout=30):
+    """Until the cache holds an entry for ``question`` (an answer is cached just after its ``done``)."""
+    deadline = time.monotonic() + timeout
+    with daemon.home.client() as client:
+        while not any(e["question"] == question for e in client.cache("list")["entries"]):
+            assert time.monotonic() < deadline, f"{question!r} was never cached"
+            time.sleep(0.05)
+
+
 def settle(daemon):
     """Let background jobs finish, so that a test starts on an idle model."""
     for job in jobs(daemon)["jobs"]:
@@ -186,6 +195,7 @@ def test_a_paraphrased_repeat_is_served_from_cache_and_near_misses_are_not(daemo
     settle(daemon)
     first = ask(daemon, "How many legs does a spider have?", max_tokens=16)
     no_followups(daemon)
+    wait_cached(daemon, "How many legs does a spider have?")
     again = ask(daemon, "How many legs do spiders have?", max_tokens=16)
     no_followups(daemon)
     cached = event(again, "start")["speculation"]["cached"]
@@ -198,6 +208,7 @@ def test_a_paraphrased_repeat_is_served_from_cache_and_near_misses_are_not(daemo
 
     ask(daemon, "Is it safe to give my dog 2 grapes?", max_tokens=12)
     no_followups(daemon)
+    wait_cached(daemon, "Is it safe to give my dog 2 grapes?")
     for near_miss in ("Is it safe to give my dog 20 grapes?", "Is it not safe to give my dog 2 grapes?",
                       "How many legs does a spider not have?", "How many legs does a Spider-Man toy have?"):
         events = ask(daemon, near_miss, max_tokens=6)
@@ -214,8 +225,8 @@ def test_forgetting_the_memory_an_answer_used_drops_its_cache_entry(daemon):
     asked = ask(daemon, "What does my cat Pixel love to eat?", max_tokens=12)
     no_followups(daemon)
     assert cat_memory in event(asked, "context", "quick")["memory_ids"]
+    wait_cached(daemon, "What does my cat Pixel love to eat?")
     with daemon.home.client() as client:
-        assert any(e["question"] == "What does my cat Pixel love to eat?" for e in client.cache("list")["entries"])
         client.memory("forget", target=cat_memory)
         assert not any(e["question"] == "What does my cat Pixel love to eat?" for e in client.cache("list")["entries"])
     again = ask(daemon, "What does my cat Pixel love to eat?", max_tokens=6)
@@ -230,10 +241,12 @@ def test_incognito_questions_are_neither_cached_nor_served_from_cache(daemon):
     ask(daemon, "What colour is a ripe banana?", max_tokens=8, memory=False)
     with daemon.home.client() as client:
         after = client.cache("stats")
-        assert after["entries"] == before["entries"] and after["lookups"] == before["lookups"]
+        assert after["lookups"] == before["lookups"]  # not looked up ...
+        time.sleep(1.5)  # ... nor stored (a store lands ~0.5 s after an answer's done)
         assert not any(e["question"] == "What colour is a ripe banana?" for e in client.cache("list")["entries"])
-    ask(daemon, "Which planet is the largest in the solar system?", max_tokens=8)  # cached
+    ask(daemon, "Which planet is the largest in the solar system?", max_tokens=8)
     no_followups(daemon)
+    wait_cached(daemon, "Which planet is the largest in the solar system?")
     secret = ask(daemon, "Which planet is the largest in the solar system?", max_tokens=8, memory=False)
     assert event(secret, "start")["speculation"]["cached"] is None
     assert not event(secret, "stage_start", "quick").get("cached")
