@@ -204,7 +204,8 @@ class StageActor:
             if request_id in self._cancelled or not await self._turns.take(request_id, background=True):
                 return {"cancelled": True, "preempted": False}
             try:
-                await backend.load()
+                if not await backend.is_loaded():  # background work never loads a model: the preloader decides that
+                    return {"error": f"{backend.name} is not loaded", "cancelled": False, "preempted": False}
                 used: list[str] = []
                 if memories and memory_tokens > 0:
                     messages, used = self._with_memories(messages, memories, memory_tokens)
@@ -257,6 +258,9 @@ class StageActor:
                         self._generating = name
                         # cold: this answer waits for the model to load (the preloader missed it)
                         cold = not await self.backends[name].is_loaded()
+                        if background and cold:  # background work never loads a model: the preloader decides that
+                            yield {"error": "not_loaded", "message": f"{name} is not loaded", "model": name}
+                            continue
                         yield {"model": name, "cold": cold}
                         confidence = ConfidenceTracker(self.prior)
                         backend = self.backends[name]

@@ -14,6 +14,14 @@ HEADER, RED = "\x1b[1;36m", "\x1b[31m"
 SPINNER_FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
 
 
+def _speculated(stage_start: dict[str, Any]) -> str:
+    """What speculation did for a stage, for its header: served it from the cache, or warmed it."""
+    if stage_start.get("cached"):
+        age = stage_start.get("age_s") or 0.0
+        return f" · cached ({stage_start.get('similarity', 0):.2f} alike, {age / 60:.0f} min old)"
+    return " · prefilled while you typed" if stage_start.get("warmed") else ""
+
+
 def use_color(stream: TextIO) -> bool:
     """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
     return stream.isatty() and not os.environ.get("NO_COLOR")
@@ -118,7 +126,7 @@ class Renderer:
             self.out.flush()
         elif kind == "stage_start":
             self._end_line()
-            header = f"── {event['stage']} · {event['model']} ──"
+            header = f"── {event['stage']} · {event['model']}{_speculated(event)} ──"
             self._write((f"{HEADER}{header}{RESET}" if self.color else header) + "\n")
             self.out.flush()
         elif kind == "stage_end":

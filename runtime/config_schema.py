@@ -384,7 +384,7 @@ class JobsConfig(Table):
     enabled: bool = True
     on_balanced: bool = False  # run them on the balanced power profile too (never on minimal)
     cpu_share: Float = Field(0.5, gt=0, le=1)  # of the time, at most, spent on jobs: after t s of work, rest t/share - t
-    daily_cpu_s: Seconds = 1800.0  # model time per day for all jobs together; 0: no limit
+    daily_cpu_s: Float = Field(1800.0, ge=0)  # model time per day (s) for all jobs together; 0: no limit
     keep: Int = Field(200, ge=1)  # ended jobs kept for `mirador jobs`
     prefill: bool = True  # hints evaluate the known prompt ahead (typing-time prefill)
     prefill_chunk: Int = Field(32, ge=1)  # prompt tokens evaluated between checks for a waiting question

@@ -111,9 +111,9 @@ def conversation(messages: Any) -> tuple[str, list[dict[str, str]], str]:
 
 
 def ask_fields(selected: dict[str, Any], question: str, history: list[dict[str, str]], system: str,
-               max_tokens: Any, temperature: Any, private: bool) -> dict[str, Any]:
+               max_tokens: Any, temperature: Any, private: bool, seed: Any = None) -> dict[str, Any]:
     """The ``ask`` request of an HTTP chat, checked exactly like a ZeroMQ client's."""
-    options: dict[str, Any] = {}
+    options: dict[str, Any] = {} if seed is None else {"seed": seed}
     if max_tokens is not None:
         if type(max_tokens) is not int:
             raise ApiError(400, "the token limit (num_predict, max_tokens) must be an integer", param="max_tokens")

@@ -205,7 +205,7 @@ class JobManager:
         job = self.jobs.get(job_id)
         if job is None:
             return False
-        job.stop_reason = why
+        job.stop_reason = job.stop_reason or why  # the first reason is the one to show
         for stop in list(job.calls):
             stop()
         return True

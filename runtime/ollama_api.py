@@ -226,7 +226,8 @@ async def _answer(request: web.Request, kind: str) -> web.StreamResponse:
         empty = {"message": {"role": "assistant", "content": ""}} if kind == "chat" else {"response": ""}
         return web.json_response({"model": name, "created_at": now(), **empty, "done_reason": "unload" if unload else "load",
                                   "done": True})
-    fields = ask_fields(selected, question, history, system, options.get("num_predict"), options.get("temperature"), private)
+    fields = ask_fields(selected, question, history, system, options.get("num_predict"), options.get("temperature"), private,
+                         options.get("seed"))
     run = AskRun(daemon, fields, request.remote)
 
     def chunk(parts: tuple[dict[str, Any], str, str]) -> dict[str, Any]:

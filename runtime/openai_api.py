@@ -49,7 +49,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise ApiError(400, "only n = 1 is supported", param="n")
     limit = body.get("max_completion_tokens", body.get("max_tokens"))
     fields = ask_fields(selected, question, history, system, limit, body.get("temperature"),
-                        incognito(request, body.get("incognito")))
+                        incognito(request, body.get("incognito")), body.get("seed"))
     run = AskRun(daemon, fields, request.remote)
     created = int(time.time())
     completion_id = f"chatcmpl-{run.ask.query_id}"

@@ -127,11 +127,15 @@ class Speculation:
             job.progress = f"recalled {len(memories)} memories"
             for step in steps:
                 actor = self.orchestrator.actors[step.actor_key]
+                if self.orchestrator.preloader is not None:  # loaded through the budget (the hint started it)
+                    await self.orchestrator.preloader.ensure.remote(step.actor_key, step.models[0])
                 messages = build_messages(step.system_prompt, text, {}, history if step.memory else ())
                 rid = f"{job.id}-{step.name}"
                 report = await self.jobs.step(job, lambda: actor.prefill.remote(
                     rid, messages, memories if step.memory else None, self.config.memory.context_tokens,
                     self.config.jobs.prefill_chunk), lambda: actor.cancel.remote(rid))
+                if report.get("error"):
+                    raise JobStopped(report["error"])
                 job.tokens += report.get("evaluated", 0)
                 job.result[step.name] = {k: report.get(k) for k in ("tokens", "reused", "evaluated", "eval_s", "supported")}
                 if report.get("cancelled"):

@@ -25,16 +25,20 @@ from benchlib import private_daemon, save, summary
 from cache_pairs import NEAR_MISSES, PARAPHRASES
 
 FACTS = [
-    "My dog's name is Biscuit and she is a beagle who loves long walks.",
-    "My sister Ana lives in Porto and works as a nurse.",
-    "I am allergic to peanuts and I avoid them in every meal.",
-    "I run three times a week and I am training for a half marathon in May.",
+    "My dog Biscuit is a beagle and I walk her every morning.",
+    "My dog Biscuit is allergic to chicken, so I feed her fish.",
+    "My dog Biscuit is afraid of thunder and fireworks.",
+    "My sister Ana is a nurse in Porto and works night shifts.",
+    "I am allergic to peanuts.",
+    "I am training for a half marathon in May and run three times a week.",
+    "I run my long runs on Sunday mornings.",
+    "My running shoes are worn out after 600 km.",
 ]
-RELATED = [  # each recalls some of FACTS
-    "What should I cook for dinner with my sister this weekend?",
-    "Which snacks can I take on a long walk with my dog?",
+RELATED = [  # each recalls two or three of FACTS (MiniLM cosine 0.4-0.75)
+    "What should I feed my dog Biscuit?",
     "How should I plan my running week before the half marathon?",
-    "What is a good present for my sister the nurse?",
+    "Which running shoes should I buy for marathon training?",
+    "What can I cook that is safe for my peanut allergy?",
 ]
 UNRELATED = "Name three colours of the rainbow."  # asked between measurements: another prompt in the context
 
@@ -75,7 +79,7 @@ def typed_with_hints(client, text: str, typing_s: float = 1.0, pauses: int = 2) 
 
 
 def bench_prefill(client, rounds: int) -> dict:
-    cold, hinted, bare, reused = [], [], [], []
+    cold, hinted, bare, reused, injected = [], [], [], [], []
     for i in range(rounds):
         question = RELATED[i % len(RELATED)]
         for mode in random.sample(["cold", "hinted", "bare"], 3):  # interleaved, in a random order
@@ -90,13 +94,15 @@ def bench_prefill(client, rounds: int) -> dict:
                 events = ask(client, question, memory=mode == "cold")
             recalled = next((e for e in events if e["event"] == "context"), {"memory_ids": []})["memory_ids"]
             assert mode == "bare" or recalled, f"{question!r} recalled no memory"
+            if mode == "cold":
+                injected.append(len(recalled))
             {"cold": cold, "hinted": hinted, "bare": bare}[mode].append(first_token(events))
     cancel_jobs(client)
     p50 = {name: statistics.median(v) for name, v in (("cold", cold), ("hinted", hinted), ("no_memory", bare))}
     return {"first_token_s": {"cold": summary(cold), "hinted": summary(hinted), "no_memory": summary(bare)},
             "ratio_hinted_to_no_memory_p50": p50["hinted"] / p50["no_memory"],
             "ratio_cold_to_no_memory_p50": p50["cold"] / p50["no_memory"],
-            "prompt_share_reused_hinted_p50": statistics.median(reused)}
+            "prompt_share_reused_hinted_p50": statistics.median(reused), "memories_injected_mean": statistics.fmean(injected)}
 
 
 def bench_busy(client, rounds: int) -> dict:
@@ -173,7 +179,7 @@ def main() -> None:
     print(f"prefill: first token p50 cold {ft['cold']['p50'] * 1000:.0f} ms, hinted {ft['hinted']['p50'] * 1000:.0f} ms, "
           f"no memory {ft['no_memory']['p50'] * 1000:.0f} ms; hinted/no-memory {p['ratio_hinted_to_no_memory_p50']:.2f} "
           f"(target <= 1.25), cold/no-memory {p['ratio_cold_to_no_memory_p50']:.2f}; "
-          f"{p['prompt_share_reused_hinted_p50']:.0%} of the prompt was ready")
+          f"{p['prompt_share_reused_hinted_p50']:.0%} of the prompt was ready; {p['memories_injected_mean']:.1f} memories injected")
     print(f"busy: first token p50 idle {b['first_token_s']['idle']['p50'] * 1000:.0f} ms, while a job generates "
           f"{b['first_token_s']['busy']['p50'] * 1000:.0f} ms; ratio p50 {b['ratio_p50']:.2f} (<= 1.1), "
           f"p95 {b['ratio_p95']:.2f} (<= 1.3)")
