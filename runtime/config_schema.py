@@ -387,7 +387,7 @@ class JobsConfig(Table):
     daily_cpu_s: Float = Field(1800.0, ge=0)  # model time per day (s) for all jobs together; 0: no limit
     keep: Int = Field(200, ge=1)  # ended jobs kept for `mirador jobs`
     prefill: bool = True  # hints evaluate the known prompt ahead (typing-time prefill)
-    prefill_chunk: Int = Field(32, ge=1)  # prompt tokens evaluated between checks for a waiting question
+    prefill_chunk: Int = Field(8, ge=1)  # prompt tokens evaluated between checks for a waiting question
     followups: Int = Field(3, ge=0)  # follow-up questions predicted and answered after each answer; 0: none
     followup_max_tokens: Int = Field(128, ge=1)  # per precomputed follow-up answer
 

@@ -137,7 +137,7 @@ class Speculation:
                 if report.get("error"):
                     raise JobStopped(report["error"])
                 job.tokens += report.get("evaluated", 0)
-                job.result[step.name] = {k: report.get(k) for k in ("tokens", "reused", "evaluated", "eval_s", "supported")}
+                job.result[step.name] = {k: report.get(k) for k in ("tokens", "reused", "evaluated", "eval_s", "supported", "memories")}
                 if report.get("cancelled"):
                     raise JobStopped(job.stop_reason or "cancelled")
                 if report.get("preempted"):  # a question came: it evaluates its own prompt, ours is moot
@@ -190,8 +190,10 @@ class Speculation:
         n = self.config.jobs.followups
 
         async def work(job: Job) -> None:
-            predict = [{"role": "user", "content": ask.text}, {"role": "assistant", "content": answer[:800]},
-                       {"role": "user", "content": FOLLOWUP_PROMPT.format(n=n)}]
+            # The stage's system prompt first, as in every prompt of its model: a question that
+            # preempts this finds it evaluated already.
+            predict = build_messages(step.system_prompt, FOLLOWUP_PROMPT.format(n=n), {},
+                                     [{"question": ask.text, "answer": answer[:800]}])
             text, _ = await self._generate(job, step, predict, 24 * n + 16, None)
             questions = parse_followups(text, n, ask.text)
             job.result["questions"] = questions
