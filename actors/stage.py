@@ -9,6 +9,11 @@ their work then runs on the model's loop, where every model and turn lives. ``lo
 unloaded mid-generation). ``cancel`` takes a waiting generation out of the queue at once (it
 ends with ``cancelled``, without its turn) and stops a running one at its next token.
 
+Background work (speculative jobs, ``runtime/jobs.py``) comes through ``generate(...,
+background=True)`` and ``prefill``: it takes the model only when no question waits, never loads
+a model, evaluates its prompt in small chunks and gives the model back at the next token or
+chunk when a question arrives (``Turns.preempt``).
+
 ``load``/``unload`` take a model name; the ``Preloader`` decides which models are loaded.
 ``generate`` is a Ray streaming generator (call it with ``.options(num_returns="streaming")``).
 It tries the stage's models in order until one answers; it yields small dicts, never raises for
@@ -21,7 +26,8 @@ generation and the caller always learns how the stage ended:
     {"model": name, "cold": bool}                                    this model answers now (cold: not loaded yet)
     {"text": str, "logprob": float | None, "confidence": float}     one per token
     {"error": code, "message": str, "model": name}                   that model failed
-    {"end": True, "model", "tokens", "first_token_s", "duration_s", "tokens_per_s", "cancelled", "cold", "queued_s"}
+    {"end": True, "model", "tokens", "first_token_s", "duration_s", "tokens_per_s", "cancelled", "cold", "queued_s",
+     "prompt_tokens", "reused_tokens" (found evaluated in the model's cache), "preempted", "yield_s" (background)}
 
 ``accepted`` comes at once, before the request waits for its turn: a caller that does not get it
 soon knows the actor is not running (restarting, or waiting for a node), not merely busy.

@@ -70,14 +70,18 @@ Replies (daemon -> client)
                reason, mode (progressive | sequential | chain), stages: [names], session, type
                (what the learner keys on), plan, learned (null, or {plan, default, evidence}
                when the user's ratings chose the plan), power {profile, battery, changed,
-               dropped?, models?}};
+               dropped?, models?}, speculation {cached: null or {stage, question, similarity,
+               age_s, source}, warmed: {stage: {job, tokens}}, rejected?}};
                unless incognito, ``memory`` {recalled: [{id, question, similarity}], history:
                n}; then, per stage, ``stage_start`` {stage, model}, ``context`` {stage,
                memory_ids} (the memories that stage was given), ``token`` {stage, model, text,
-               confidence in [0, 1], logprob or null}..., ``stage_end`` {stage, model, tokens,
+               confidence in [0, 1], logprob or null, cached?}..., ``stage_end`` {stage, model, tokens,
                first_token_s, duration_s, tokens_per_s, cancelled, cold (the model had to be
                loaded first: nothing had preloaded it), queued_s (time spent waiting for the
-               model behind other questions)}; then ``done`` {query_id,
+               model behind other questions), prompt_tokens, reused_tokens (already evaluated in
+               the model's cache), cached?}; ``stage_start`` carries cached (with similarity,
+               age_s, question) when the answer cache serves the stage, warmed when a prefill
+               evaluated its prompt; then ``done`` {query_id,
                cancelled, metrics}: the answer is complete. When the exchange is to be
                remembered, ``done`` is not final: ``remembered`` {query_id, memory_id} follows
                (final) once it is stored on disk, or, if it could not be stored, ``error``

@@ -176,7 +176,10 @@ function onContext(ev) {
 function onStageStart(ev) {
   const stage = stagePanel(ev.stage);
   stage.el.dataset.state = "running";
-  stage.el.querySelector(".stage-model").textContent = ev.model || "";
+  // Speculation: served from the answer cache, or its prompt prefilled while the question was typed.
+  const note = ev.cached ? ` · cached (${(ev.similarity || 0).toFixed(2)} alike)` : ev.warmed ? " · prefilled while typing" : "";
+  stage.el.querySelector(".stage-model").textContent = (ev.model || "") + note;
+  stage.el.dataset.speculation = ev.cached ? "cached" : ev.warmed ? "warmed" : "";
 }
 
 function onToken(ev) {
