@@ -90,6 +90,7 @@ class StageActor:
         self._generating: str | None = None  # the model generating now
         self.errors: dict[str, str] = {}  # model -> why its last load failed
         self._prefilled: list[str] = []  # the memory ids of the last prefill's block, in its order
+        self._background_work: str | None = None  # the background request holding the model now
 
     def _backend(self, model: str | None) -> Backend:
         name = model or self.primary
@@ -158,6 +159,7 @@ class StageActor:
             "models": {name: await b.is_loaded() for name, b in self.backends.items()},
             "busy": self._generating is not None,
             "generating": self._generating,
+            "background": self._background_work,  # a background job's request holding the model now, if any
             "waiting": self._turns.waiting,
             "error": self.errors.get(self.primary),
             **node_info(),
@@ -225,12 +227,13 @@ class StageActor:
                 used: list[str] = []
                 if memories and memory_tokens > 0:
                     messages, used = self._with_memories(messages, memories, memory_tokens)
-                self._prefilled = used
+                self._prefilled, self._background_work = used, request_id
                 report = await backend.prefill(messages, self._should_stop(request_id, True), chunk)
                 return {**(report or {"tokens": 0}), "supported": report is not None, "memories": used,
                         "cancelled": request_id in self._cancelled,
                         "preempted": bool(report and report["stopped"]) and request_id not in self._cancelled}
             finally:
+                self._background_work = None
                 self._turns.give_back()
         except ModelError as exc:
             return {"error": str(exc), "cancelled": False, "preempted": False}
@@ -273,6 +276,7 @@ class StageActor:
                             break
                         answered_by = name
                         self._generating = name
+                        self._background_work = request_id if background else None
                         # cold: this answer waits for the model to load (the preloader missed it)
                         cold = not await self.backends[name].is_loaded()
                         if background and cold:  # background work never loads a model: the preloader decides that
@@ -308,7 +312,7 @@ class StageActor:
                             break  # failed mid-answer: a fallback would start the answer over
                 finally:
                     preempted = self._turns.preempt.is_set() and request_id not in self._cancelled
-                    self._generating = None
+                    self._generating = self._background_work = None
                     self._turns.give_back()
                     if preempted:
                         prompt["yield_s"] = round(self._turns.last_yield_s or 0.0, 6)  # preempt to model given back

@@ -47,13 +47,22 @@ def cache_key(step: Step) -> str:
     return f"{step.name}|{step.models[0]}|{digest}"
 
 
+QUESTION_WORDS = ("what", "how", "why", "when", "where", "which", "who", "can", "could", "should", "is", "are",
+                  "do", "does", "will", "would")
+
+
 def parse_followups(text: str, n: int, asked: str) -> list[str]:
-    """The questions in the model's reply: numbering and bullets stripped; lines that are not
-    questions, duplicates and the question just asked dropped."""
+    """The questions in the model's reply: numbering and bullets stripped; a line counts when it
+    ends with '?' or starts with a question word (SmolLM2 sometimes drops the '?'), not when it is
+    a heading ("1. Brewing green tea:"); duplicates and the question just asked are dropped."""
     out: list[str] = []
     for line in text.splitlines():
         question = re.sub(r"^\s*(?:[-*•]|\d+[.)]|Q\d*:)\s*", "", line).strip().strip('"')
-        if len(question) >= 8 and question.endswith("?") and question.lower() != asked.strip().lower() and question not in out:
+        if not question.endswith("?"):
+            if question.endswith(":") or question.split(" ", 1)[0].lower() not in QUESTION_WORDS:
+                continue
+            question = question.rstrip(".") + "?"
+        if len(question) >= 8 and question.lower() != asked.strip().lower() and question not in out:
             out.append(question)
     return out[:n]
 

@@ -221,3 +221,13 @@ def test_no_color_env_turns_colour_off_even_on_a_terminal(monkeypatch):
     assert use_color(FakeTTY(True)) and not use_color(FakeTTY(False))
     monkeypatch.setenv("NO_COLOR", "1")
     assert not use_color(FakeTTY(True))
+
+
+def test_follow_up_questions_are_read_from_a_numbered_list_and_headings_are_not():
+    from mirador.runtime.speculation import parse_followups
+
+    reply = ("1. What is the best way to brew green tea?\n2. How long should it steep\n3. Brewing Green Tea:\n"
+             "4. How do I make a cup of green tea?\n- What is the best way to brew green tea?\nThese are examples.")
+    assert parse_followups(reply, 3, "How do I make a cup of green tea?") == [
+        "What is the best way to brew green tea?", "How long should it steep?"]
+    assert parse_followups(reply, 1, "x") == ["What is the best way to brew green tea?"]
