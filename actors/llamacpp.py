@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import ctypes
 import importlib.util
 import os
 import threading
@@ -113,9 +114,15 @@ class LlamaCppBackend(Backend):
 
     kind = "llamacpp"
 
-    def __init__(self, name: str, source: str, n_ctx: int = 2048, n_threads: int = 0, n_batch: int = 512):
+    def __init__(self, name: str, source: str, n_ctx: int = 2048, n_threads: int = 0, n_batch: int = 512,
+                 adapters: str = ""):
+        """``adapters``: the AdapterStore directory whose active LoRA for this model is applied."""
         super().__init__(name, source)
         self.n_ctx, self.n_threads, self.n_batch = n_ctx, n_threads, n_batch
+        self.adapters = adapters
+        self.adapter: dict[str, Any] | None = None  # {version, path} of the LoRA in use, None: the base model
+        self._lora: Any = None  # its llama.cpp handle
+        self.adapter_error: str | None = None  # why the active adapter could not be applied at the last load
         self._llm: Any = None
         self._formatter: Any = None
         self._eog: set[int] = set()
@@ -144,7 +151,11 @@ class LlamaCppBackend(Backend):
             raise ModelError(f"llama.cpp could not load {path}: {exc}") from None
         self._formatter = chat_formatter(llm, path.name)
         self._eog = {t for t in (llm.token_eos(), *self._stop_token_ids(llm)) if t >= 0}
-        self._llm = llm
+        self._llm, self.adapter, self._lora = llm, None, None
+        try:
+            self._switch_adapter()
+        except ModelError as exc:  # the base model answers; the error is the stage's to report
+            self.adapter_error = str(exc)
 
     @staticmethod
     def _stop_token_ids(llm: Any) -> list[int]:
@@ -153,10 +164,63 @@ class LlamaCppBackend(Backend):
         vocab = llm._model.vocab
         return [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab, t)] if vocab else []
 
+    # -- LoRA adapters: made by the trainer (actors/trainer.py), kept by actors/adapters.py --------
+    async def use_adapter(self) -> dict[str, Any] | None:
+        """Switch to the adapter the store has active for this model (or to none); the caller makes
+        sure no generation runs. Returns the adapter in use. A loaded model switches now; one not
+        loaded does at its load."""
+        if self._llm is not None:
+            await self._on_llama_thread(self._switch_adapter)
+        return self.adapter
+
+    def _switch_adapter(self) -> None:
+        import llama_cpp
+
+        from .adapters import AdapterStore
+
+        wanted = AdapterStore(self.adapters).active(self.name) if self.adapters else None
+        if wanted == self.adapter:
+            return
+        llm, handle = self._llm, None
+        if wanted is not None:
+            # A bad adapter crashes llama.cpp at its first token: nothing unchecked reaches it.
+            from .lora_gguf import AdapterError, validate_adapter
+
+            try:
+                validate_adapter(wanted["path"], resolve_source(self.source))
+            except (AdapterError, ImportError) as exc:
+                raise ModelError(f"adapter v{wanted['version']} of {self.name} was not applied: {exc}") from None
+            handle = llama_cpp.llama_adapter_lora_init(llm._model.model, wanted["path"].encode())
+            if not handle:  # a NULL pointer, which llama-cpp-python's own check (``is None``) misses
+                raise ModelError(f"llama.cpp refused adapter v{wanted['version']} of {self.name} ({wanted['path']})")
+        if hasattr(llama_cpp, "llama_set_adapters_lora"):  # 0.3.2x+: one call sets the whole list
+            if handle:
+                llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle), 1,
+                                                  (ctypes.c_float * 1)(1.0))
+            else:
+                llama_cpp.llama_set_adapters_lora(llm._ctx.ctx, None, 0, None)
+        else:  # 0.3.16: set / clear
+            llama_cpp.llama_clear_adapter_lora(llm._ctx.ctx)
+            if handle:
+                llama_cpp.llama_set_adapter_lora(llm._ctx.ctx, handle, 1.0)
+        if self._lora is not None:
+            llama_cpp.llama_adapter_lora_free(self._lora)
+        self._lora, self.adapter, self.adapter_error = handle, wanted, None
+        llm.reset()  # the cached prompt was evaluated under the old weights: no answer may reuse it
+
     async def unload(self) -> None:
         llm, self._llm = self._llm, None
         if llm is not None:
-            await self._on_llama_thread(llm.close)
+            lora, self._lora, self.adapter = self._lora, None, None
+            await self._on_llama_thread(self._close, llm, lora)
+
+    @staticmethod
+    def _close(llm: Any, lora: Any) -> None:
+        import llama_cpp
+
+        if lora is not None:  # before the model it belongs to
+            llama_cpp.llama_adapter_lora_free(lora)
+        llm.close()
 
     async def is_loaded(self) -> bool:
         return self._llm is not None

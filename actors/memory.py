@@ -31,7 +31,7 @@ from .answer_cache import AnswerCache
 from .node import node_info
 
 COLLECTION = "memories"
-METADATA_KEYS = ("question", "answer", "route", "models", "session", "ts", "query_id")
+METADATA_KEYS = ("question", "answer", "route", "models", "session", "ts", "query_id", "rating")
 
 
 # Below this much free space, writes are refused before Chroma sees them (an import batch of 100
@@ -117,6 +117,7 @@ class Memories:
         meta["ts"] = float(exchange.get("ts") or time.time())
         models = exchange.get("models") or ""
         meta["models"] = models if isinstance(models, str) else ",".join(models)  # Chroma keeps scalars only
+        meta["rating"] = int(exchange.get("rating") or 0)  # 1-5 once rated (`mirador rate`); 0: not rated
         return meta["query_id"], cls._document(meta["question"], meta["answer"]), meta
 
     def _write(self, method: str, **batch: Any) -> None:
@@ -159,6 +160,20 @@ class Memories:
         if new:  # one transaction: a failed write adds none of them
             self._write("add", ids=new, documents=[entries[i][0] for i in new], metadatas=[entries[i][1] for i in new])
         return {"imported": len(new), "skipped": len(records) - len(new), "ids": new}
+
+    def rate(self, id_: str, rating: int) -> bool:
+        """Keep the user's rating with the exchange (training picks the well-rated ones, export
+        carries it); False if the exchange is not stored (incognito, forgotten)."""
+        found = self._col.get(ids=[id_], include=["metadatas"])
+        if not found["ids"]:
+            return False
+        self._write("update", ids=[id_], metadatas=[{**found["metadatas"][0], "rating": int(rating)}])
+        return True
+
+    def rated(self, min_rating: int) -> list[dict[str, Any]]:
+        """The exchanges rated at least ``min_rating``, oldest first (what LoRA training learns from)."""
+        found = self._col.get(where={"rating": {"$gte": int(min_rating)}}, include=["metadatas"])
+        return sorted((self._record(i, m) for i, m in zip(found["ids"], found["metadatas"])), key=lambda r: r["ts"])
 
     # -- recalling -----------------------------------------------------------------------
     def recall(self, text: str, k: int = 5, min_similarity: float = 0.3) -> list[dict[str, Any]]:

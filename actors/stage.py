@@ -27,7 +27,8 @@ generation and the caller always learns how the stage ended:
     {"text": str, "logprob": float | None, "confidence": float}     one per token
     {"error": code, "message": str, "model": name}                   that model failed
     {"end": True, "model", "tokens", "first_token_s", "duration_s", "tokens_per_s", "cancelled", "cold", "queued_s",
-     "prompt_tokens", "reused_tokens" (found evaluated in the model's cache), "preempted", "yield_s" (background)}
+     "prompt_tokens", "reused_tokens" (found evaluated in the model's cache), "preempted", "yield_s" (background),
+     "adapter" (the version of the LoRA adapter the model answered with, or None)}
 
 ``accepted`` comes at once, before the request waits for its turn: a caller that does not get it
 soon knows the actor is not running (restarting, or waiting for a node), not merely busy.
@@ -144,6 +145,29 @@ class StageActor:
             return unloaded
 
     @ray.method(concurrency_group=CONTROL)
+    async def set_adapter(self, model: str) -> dict[str, Any]:
+        """Switch ``model`` to the LoRA adapter its AdapterStore has active (or to none), between
+        two generations: waits for the running one, goes before the waiting ones, so no answer
+        mixes two adapters. Returns {model, adapter: version or None, error}."""
+        return await self._on_model_loop(self._set_adapter(model))
+
+    async def _set_adapter(self, model: str) -> dict[str, Any]:
+        backend = self._backend(model)
+        if backend.kind != "llamacpp":
+            return {"model": model, "adapter": None, "error": f"{model} is not an embedded model: it has no adapters"}
+        async with self._turns.urgent():
+            try:
+                adapter = await backend.use_adapter()
+                return {"model": model, "adapter": adapter and adapter["version"], "error": None}
+            except ModelError as exc:
+                backend.adapter_error = str(exc)
+                return {"model": model, "adapter": backend.adapter and backend.adapter["version"], "error": str(exc)}
+
+    def _adapters(self) -> dict[str, Any]:
+        """model -> the version of the adapter it runs with (None: base), for embedded models."""
+        return {name: (b.adapter or {}).get("version") for name, b in self.backends.items() if b.kind == "llamacpp"}
+
+    @ray.method(concurrency_group=CONTROL)
     async def info(self) -> dict[str, Any]:
         return await self._on_model_loop(self._info())
 
@@ -162,6 +186,8 @@ class StageActor:
             "background": self._background_work,  # a background job's request holding the model now, if any
             "waiting": self._turns.waiting,
             "error": self.errors.get(self.primary),
+            "adapters": self._adapters(),
+            "adapter_errors": {name: b.adapter_error for name, b in self.backends.items() if getattr(b, "adapter_error", None)},
             **node_info(),
         }
 
@@ -328,6 +354,7 @@ class StageActor:
                 "preempted": background and preempted,
                 "cold": cold,
                 "queued_s": round(turn - started, 6),
+                "adapter": self._adapters().get(answered_by) if answered_by else None,  # the LoRA it answered with
                 **prompt,
             }
         finally:

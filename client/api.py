@@ -300,6 +300,11 @@ class Client(_Requests):
         """The answer cache: list | clear | stats."""
         return self._call("cache", timeout, op=op)
 
+    def train(self, op: str = "status", timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        """LoRA training: status | data | run (wait=True: until the run ends) | history |
+        rollback (version=N) | off; model=NAME for a model other than the first trainable one."""
+        return self._call("train", timeout, op=op, **{k: v for k, v in fields.items() if v is not None})
+
     def models(self, op: str, name: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
         """list | ps | load NAME | unload NAME (a load can take a while: a large model from disk)."""
         return self._call("models", timeout, op=op, **({"name": name} if name else {}))
@@ -477,6 +482,9 @@ class AsyncClient(_Requests):
 
     async def cache(self, op: str = "stats", timeout: float = 30.0) -> dict[str, Any]:
         return await self._call("cache", timeout, op=op)
+
+    async def train(self, op: str = "status", timeout: float = 60.0, **fields: Any) -> dict[str, Any]:
+        return await self._call("train", timeout, op=op, **{k: v for k, v in fields.items() if v is not None})
 
     async def models(self, op: str, name: str | None = None, timeout: float = 300.0) -> dict[str, Any]:
         return await self._call("models", timeout, op=op, **({"name": name} if name else {}))

@@ -14,6 +14,7 @@ from . import daemon_control, protocol, remote
 from .api import Client
 from .errors import DaemonNotRunning, MiradorError, NoReply, ResponseError
 from .cli_jobs import cache, jobs
+from .cli_train import train
 from .cli_keys import keys
 from .paths import Paths
 from .render import Renderer
@@ -250,6 +251,9 @@ def _status_text(status: dict[str, Any]) -> str:
                        if status["memory"].get("enabled") and not status["memory"].get("error")
                        else f"unavailable: {status['memory']['error']}" if status["memory"].get("error") else "off"),
         "power:   " + _power_text(status.get("power")),
+        *[f"train:   {name}: " + (f"adapter v{m['active']}" if m["active"] else "base model, no adapter")
+          + (f", run {m['running']['state']}" if m["running"] else "")
+          for name, m in (status.get("training") or {}).get("models", {}).items()],
         *([_queue_text(status["queue"], status.get("clients") or {})] if status.get("queue") else []),
         "actors:",
     ]
@@ -260,9 +264,13 @@ def _status_text(status: dict[str, Any]) -> str:
         if actor.get("waiting"):
             state += f", {actor['waiting']} waiting"
         backend = actor.get("backend", "?") + (f" at {actor['server']}" if actor.get("server") else "")
-        lines.append(f"  {actor['name']:<16} {actor.get('model', '?')} ({backend})  {state}{_node_text(actor)}")
+        adapter = (actor.get("adapters") or {}).get(actor.get("model"))
+        model = f"{actor.get('model', '?')}" + (f" + LoRA v{adapter}" if adapter else "")
+        lines.append(f"  {actor['name']:<16} {model} ({backend})  {state}{_node_text(actor)}")
         if actor.get("error"):
             lines.append(f"  {'':<16} error: {actor['error']}")
+        for name, problem in (actor.get("adapter_errors") or {}).items():
+            lines.append(f"  {'':<16} adapter of {name}: {problem}")
     return "\n".join(lines)
 
 
@@ -576,10 +584,12 @@ def models_ps(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(ps, indent=2))
         return
-    click.echo(f"{'MODEL':<20} {'ACTOR':<16} {'BACKEND':<9} {'SIZE':>8} {'IDLE':>7}  WHERE")
+    click.echo(f"{'MODEL':<20} {'ACTOR':<16} {'BACKEND':<9} {'ADAPTER':<8} {'SIZE':>8} {'IDLE':>7}  WHERE")
     for row in ps["models"]:
         where = f"node {row['node_id'][:12]} pid {row['pid']}" + ("  in use" if row["in_use"] else "")
-        click.echo(f"{row['model']:<20} {row['actor']:<16} {row['backend']:<9} {_mb(row['size_mb']):>8} {row['idle_s']:>6.0f}s  {where}")
+        adapter = f"v{row['adapter']}" if row.get("adapter") else "-"
+        click.echo(f"{row['model']:<20} {row['actor']:<16} {row['backend']:<9} {adapter:<8} {_mb(row['size_mb']):>8} "
+                   f"{row['idle_s']:>6.0f}s  {where}")
     if not ps["models"]:
         click.echo("no model is loaded")
     click.echo(f"budget: {ps['used_mb']:.0f} of {ps['budget_mb']:.0f} MB in use")
@@ -698,6 +708,7 @@ def daemon_stop() -> None:
 main.add_command(keys)
 main.add_command(jobs)
 main.add_command(cache)
+main.add_command(train)
 main.add_command(service)
 
 

@@ -9,10 +9,10 @@ from typing import Any
 import click
 
 
-def _query(method: str, *args: Any) -> dict[str, Any]:
+def _query(method: str, *args: Any, **fields: Any) -> dict[str, Any]:
     from .cli import _query as query  # cli imports this module: import it when a command runs
 
-    return query(method, *args)
+    return query(method, *args, **fields)
 
 
 def _ago(ts: float | None) -> str:

@@ -88,10 +88,10 @@ class InternalError(ResponseError):
 
 _FAMILIES: dict[type[ResponseError], tuple[str, ...]] = {
     BadRequest: ("bad_frame", "bad_version", "bad_request", "too_large", "unknown_type", "duplicate_id", "bad_reply"),
-    NotFound: ("not_found", "unknown_stage", "unknown_chain", "unknown_model", "model_unused"),
+    NotFound: ("not_found", "unknown_stage", "unknown_chain", "unknown_model", "model_unused", "not_trainable"),
     Busy: ("busy",),
     Unavailable: ("memory_disabled", "memory_unavailable", "learning_disabled", "stage_unavailable",
-                  "backend_unavailable", "shutting_down", "timeout"),
+                  "backend_unavailable", "shutting_down", "timeout", "jobs_off"),
     ModelError: ("model_error",),
     InternalError: ("internal",),
 }

@@ -41,7 +41,7 @@ Requests (client -> daemon)
                   ``query`` (search), ``target`` (show, forget: a memory id), ``targets``
                   (forget: a list of ids instead), ``limit`` (list, search), ``records``
                   (import: maps with id, question, answer and optionally route, models,
-                  session, ts, as export gives them; a record whose id is stored already is
+                  session, ts, rating, as export gives them; a record whose id is stored already is
                   skipped, and one import request is written all or nothing).
       ``rate``    ``score`` (integer 1..5); ``query_id`` (optional: default, the last answer).
       ``learn``   ``op``: stats | reset.
@@ -54,6 +54,10 @@ Requests (client -> daemon)
                   generated or remembered).
       ``jobs``    ``op``: list | cancel, with ``target`` (cancel: a job id).
       ``cache``   ``op``: list | clear | stats (the answer cache of speculation).
+      ``train``   ``op``: status | data | run | history | rollback | off (LoRA training of an
+                  embedded model), with ``model`` (optional: default, the first trainable one),
+                  ``wait`` (run: reply once the run has ended), ``version`` (rollback: which
+                  deployed adapter; default, the one before the active one).
       ``models``  ``op``: list | ps | load | unload, with ``name`` (load, unload: a model of the
                   manifest).
       ``ping``    no fields.
@@ -114,6 +118,11 @@ Replies (daemon -> client)
     ``jobs``   ``jobs`` {jobs: [{id, kind, stage, state, progress, cost, saved, detail, created,
                started, ended}], allowed: null or why none run now, budget {...}} (list) or
                {cancelled: bool} (final).
+    ``train``  ``train`` (final): status {enabled, allowed (null or why no run may work now),
+               models: {name: {active, versions, last, last_why, running}}} (also after rollback
+               and off); data {model, train: [{id, question, answer, rating}], held_out: [...],
+               new, min_rating, trained_on_before}; run {job}; history {model, active, versions:
+               [{version, created, deployed, why, examples, evaluation, train}]}.
     ``cache``  ``cache`` {entries: [...]} (list), {cleared: n} (clear), {entries, lookups, hits,
                hit_rate, saved_s, tokens_spent, tokens_used} (stats) (final).
     ``models`` ``models`` (final): list {models: [{name, backend, source, size_mb, roles,
@@ -138,7 +147,10 @@ Replies (daemon -> client)
     ``learning_disabled``, ``unknown_model`` (not in the manifest), ``model_unused`` (no stage
     or chain runs it), ``model_error`` (it would not load), ``busy`` (an ask beyond the
     limits on waiting questions: see *Admission and control*), ``memory_unavailable`` (after
-    ``done``: the exchange could not be stored), ``shutting_down``, ``internal``.
+    ``done``: the exchange could not be stored), ``not_trainable`` (``train`` for a model that
+    is not an embedded one a stage runs), ``jobs_off`` (``train run`` when the rules allow no
+    run now: the power profile, the budget, missing packages; the message says which),
+    ``shutting_down``, ``internal``.
     Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
     backend lacks it), ``backend_unavailable`` (e.g. Ollama is not running), ``timeout`` and
     ``stage_unavailable`` (its actor is not running: it crashed or its node left mid-answer, or
@@ -179,7 +191,9 @@ import msgpack
 VERSION = 1
 MAX_FRAME_BYTES = 1 << 20
 MAX_ID_CHARS = 64
-REQUEST_TYPES = ("ask", "cancel", "status", "stats", "memory", "rate", "learn", "hint", "models", "jobs", "cache", "ping")
+REQUEST_TYPES = ("ask", "cancel", "status", "stats", "memory", "rate", "learn", "hint", "models", "jobs", "cache", "train",
+                 "ping")
+TRAIN_OPS = ("status", "data", "run", "history", "rollback", "off")
 MODEL_OPS = ("list", "ps", "load", "unload")
 MEMORY_OPS = ("list", "search", "show", "forget", "forget_all", "export", "import")
 
@@ -269,6 +283,15 @@ def check_request(obj: dict[str, Any]) -> dict[str, Any]:
             raise ProtocolError("bad_request", "'jobs' needs 'op': list or cancel", rid)
         if obj["op"] == "cancel" and not (isinstance(obj.get("target"), str) and obj["target"]):
             raise ProtocolError("bad_request", "'cancel' needs 'target': a job id", rid)
+    elif type_ == "train":
+        if obj.get("op") not in TRAIN_OPS:
+            raise ProtocolError("bad_request", f"'train' needs 'op', one of {', '.join(TRAIN_OPS)}", rid)
+        if obj.get("model") is not None and not (isinstance(obj["model"], str) and obj["model"]):
+            raise ProtocolError("bad_request", "'model' must be a model name", rid)
+        if obj.get("version") is not None and not (type(obj["version"]) is int and obj["version"] > 0):
+            raise ProtocolError("bad_request", "'version' must be a positive integer (an adapter version)", rid)
+        if not isinstance(obj.get("wait", False), bool):
+            raise ProtocolError("bad_request", "'wait' must be true or false", rid)
     elif type_ == "cache" and obj.get("op") not in ("list", "clear", "stats"):
         raise ProtocolError("bad_request", "'cache' needs 'op': list, clear or stats", rid)
     elif type_ == "models":
@@ -368,6 +391,9 @@ def memory_record_problem(record: Any) -> str | None:
     for key in ("route", "session"):
         if record.get(key) is not None and not isinstance(record[key], str):
             return f"'{key}' must be a string"
+    rating = record.get("rating")
+    if rating is not None and not (type(rating) is int and 0 <= rating <= 5):
+        return "'rating' must be an integer from 1 to 5 (0: not rated)"
     models = record.get("models")
     if models is not None and not (isinstance(models, str) or (isinstance(models, list) and all(isinstance(m, str) for m in models))):
         return "'models' must be a string or a list of strings"

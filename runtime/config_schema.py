@@ -392,6 +392,31 @@ class JobsConfig(Table):
     followup_max_tokens: Int = Field(128, ge=1)  # per precomputed follow-up answer
 
 
+class TrainConfig(Table):
+    """Background LoRA training of the embedded models on the answers the user rated well (runtime/training.py)."""
+
+    enabled: bool = True  # the schedule starts runs; `mirador train run` works either way
+    min_rating: Int = Field(4, ge=1, le=5)  # exchanges rated at least this are trained on
+    min_examples: Int = Field(20, ge=4)  # new rated exchanges (since the last run) before the schedule starts one
+    interval_h: Float = Field(6.0, ge=0)  # at least this long between two scheduled runs
+    profiles: tuple[Literal["maximum", "balanced"], ...] = ("maximum",)  # power profiles it may run on (never minimal)
+    check_every_s: Seconds = 300.0  # how often the schedule looks
+    max_examples: Int = Field(200, ge=4)  # the newest this many are used
+    held_out: Float = Field(0.2, gt=0, lt=1)  # share kept out of training to judge the adapter
+    rank: Int = Field(8, ge=1, le=128)
+    alpha: Float = Field(16.0, gt=0)
+    epochs: Int = Field(3, ge=1)
+    learning_rate: Float = Field(5e-4, gt=0, le=1)
+    batch_size: Int = Field(4, ge=1)
+    max_tokens: Int = Field(256, ge=16)  # per example (prompt and answer), longer ones are cut
+    # Deploy only if, measured in llama.cpp, the held-out answers gain at least min_gain nats per
+    # token and the shipped general-knowledge set loses at most max_general_drop.
+    min_gain: Float = Field(0.05, ge=0)
+    max_general_drop: Float = Field(0.1, ge=0)
+    num_gpus: Float = Field(0.0, ge=0)  # > 0: train on a node with a GPU (the Ray cluster's); 0: here, on one CPU thread
+    placement: Placement = Placement()
+
+
 class CacheConfig(Table):
     """The semantic answer cache: quick answers served again for a paraphrased question."""
 
@@ -424,6 +449,7 @@ class Config(Table):
     energy: EnergyConfig = EnergyConfig()
     preload: PreloadConfig = PreloadConfig()
     jobs: JobsConfig = JobsConfig()
+    train: TrainConfig = TrainConfig()
 
     _raw: dict[str, Any] = PrivateAttr(default_factory=dict)  # the merged files and environment, as read
 

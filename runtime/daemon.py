@@ -69,6 +69,7 @@ class Daemon:
         self.server: Any = None  # the ZeroMQ Server, once bound
         self.jobs: Any = None  # jobs.JobManager: background work (speculation)
         self.speculation: Any = None  # speculation.Speculation
+        self.training: Any = None  # training.Training: LoRA adapters for the embedded models
         self.ready = False
 
     # -- what the server asks of us -------------------------------------------------------
@@ -106,6 +107,7 @@ class Daemon:
             "log": str(self.paths.logfile),
             "actors": list(actors),
             "memory": memory,
+            "training": self.training.status(),
             "power": self.orchestrator.power,  # status is served only once the orchestrator exists
             "queue": self.orchestrator.queue(),
             "clients": self.server.clients(),
@@ -140,6 +142,10 @@ class Daemon:
             raise ProtocolError("not_found", f"no running or waiting job {request['target']!r}; `mirador jobs` lists them",
                                 request["id"])
         return {"cancelled": True}
+
+    async def train_op(self, request: dict[str, Any]) -> dict[str, Any]:
+        """`mirador train status|data|run|history|rollback|off`."""
+        return await self.training.op(request)
 
     async def cache_op(self, request: dict[str, Any]) -> dict[str, Any]:
         """`mirador cache list|clear|stats`: the answer cache, kept by the memory store."""
@@ -209,12 +215,21 @@ class Daemon:
         if query_id is None:
             raise ProtocolError("not_found", "there is no answer to rate yet", rid)
         try:
-            return await learner.rate.remote(query_id, request["score"])
+            rated = await learner.rate.remote(query_id, request["score"])
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, KeyError):
                 raise ProtocolError("not_found", f"no answered question with id {query_id!r} "
                                     "(incognito questions are not learned from)", rid) from None
             raise
+        if self.memory is not None:  # the rating goes with the exchange too: training picks the well-rated ones
+            if (storing := self.orchestrator.storing.get(query_id)) is not None:
+                await asyncio.wait([storing], timeout=SHUTDOWN_DRAIN_S)
+            try:
+                rated["stored"] = await self.memory.rate.remote(query_id, request["score"])
+            except ray.exceptions.RayError as exc:  # the learner has it; say that the memory does not
+                rated["stored"] = False
+                log.error("the rating of %s was not kept with its memory: %s", query_id, exc)
+        return rated
 
     async def learn(self, request: dict[str, Any]) -> dict[str, Any]:
         learner = self._learner(request["id"])
@@ -235,7 +250,10 @@ class Daemon:
         """`mirador models list|ps|load|unload`."""
         rid, op, preloader = request["id"], request["op"], self.preloader
         if op == "ps":
-            return await preloader.ps.remote()
+            ps = await preloader.ps.remote()
+            for row in ps["models"]:  # the LoRA adapter each embedded model runs with
+                row["adapter"] = self.orchestrator.adapters.get(row["model"])
+            return ps
         if op == "list":
             return {"models": self._model_list((await preloader.ps.remote())["models"])}
         name = request["name"]
@@ -379,8 +397,13 @@ class Daemon:
         self.energy = create(EnergyMonitor, "energy", here, ns, "energy", energy.sensor, energy.low_battery_percent,
                              forced_profile())
         try:
+            adapters = str(self.paths.data / "adapters")
+
             def manifest(models: tuple[str, ...]) -> list[dict[str, Any]]:
-                return [self.config.models[m].manifest_entry() for m in models]
+                entries = [self.config.models[m].manifest_entry() for m in models]
+                # embedded models run with the LoRA adapter the store has active (runtime/training.py)
+                return [{**e, "options": {**e["options"], "adapters": adapters}} if e["backend"] == "llamacpp" else e
+                        for e in entries]
 
             for name, stage in self.config.stages.items():
                 self.runs[name] = self.config.actor_models(name)
@@ -415,9 +438,16 @@ class Daemon:
             self.jobs = JobManager(self.config.jobs, lambda: self.orchestrator.power.get("profile", "maximum"), self.metrics)
             await self.jobs.start()
             self.speculation = self.orchestrator.speculation = Speculation(self.orchestrator, self.jobs)
+            from .training import Training
+
+            self.training = Training(self)
+            for model in self.training.models():  # what stage_start names; the actors read the store themselves
+                if (active := self.training.store.active(model)) is not None:
+                    self.orchestrator.adapters[model] = active["version"]
             log.info("power profile: %s (battery %s)", self.orchestrator.power["profile"], self.orchestrator.power["battery"])
             watching = asyncio.ensure_future(self._watch_power())
             pruning = asyncio.ensure_future(self._prune())
+            training = asyncio.ensure_future(self.training.schedule())
             await self._await_loads(loads)
             server = self.server = Server(self.paths.endpoint, self, self.tcp, self.config.limits)
             server.bind()
@@ -435,6 +465,7 @@ class Daemon:
             serving.cancel()  # no new requests; answers already running go on while writes drain
             watching.cancel()
             pruning.cancel()
+            training.cancel()
             await self.jobs.close()
             lost = await self.orchestrator.drain(SHUTDOWN_DRAIN_S)
             if lost:

@@ -13,7 +13,8 @@ Rules every job obeys, checked before it starts and before each step (``step``):
     until the last minute's share is below it);
   * a daily budget of model time (``daily_cpu_s``), counted from the jobs of today, kept across
     restarts in the metrics database.
-Jobs run one at a time, in order; a job that is told to stop (``cancel``, shutdown, the profile
+Jobs of one lane run one at a time, in order (speculation's jobs share the ``model`` lane;
+training has its own, so that a run of minutes does not hold up a typing-time prefill); a job that is told to stop (``cancel``, shutdown, the profile
 turning ``minimal``) ends at its next step with state ``cancelled``, after its running model
 call stops at its next token.
 
@@ -53,7 +54,7 @@ class JobStopped(Exception):
 
 @dataclass(eq=False)
 class Job:
-    kind: str  # prefill | followups
+    kind: str  # prefill | followups | train
     stage: str  # the stage whose model it uses
     detail: str = ""  # what it works on, for people
     id: str = field(default_factory=lambda: "j" + uuid.uuid4().hex[:9])
@@ -91,7 +92,7 @@ class JobManager:
         self.config, self.profile, self.metrics = config, profile, metrics
         self.jobs: dict[str, Job] = {}  # running and waiting, by id
         self.recent: deque[Job | dict[str, Any]] = deque(maxlen=config.keep)  # ended, newest last
-        self._one = asyncio.Lock()  # one job at a time: two would share the same two cores
+        self._lanes: dict[str, asyncio.Lock] = {}  # one job at a time per lane: two would share the same cores
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._spans: deque[tuple[float, float]] = deque()  # (start, end) of model work, monotonic
         self._spent_today = 0.0
@@ -137,17 +138,23 @@ class JobManager:
         return sum(end - max(start, now - WINDOW_S) for start, end in self._spans) / WINDOW_S
 
     # -- running ----------------------------------------------------------------------------
-    def submit(self, kind: str, stage: str, work: Work, detail: str = "") -> Job:
-        """Queue a job; it runs when the jobs before it have ended and the rules allow."""
+    def submit(self, kind: str, stage: str, work: Work, detail: str = "", lane: str = "model",
+               why_not: Callable[[], str | None] | None = None) -> Job:
+        """Queue a job; it runs when the jobs before it in its lane have ended and the rules allow
+        (``why_not``: a kind's rules on top of every job's)."""
         job = Job(kind, stage, detail)
         self.jobs[job.id] = job
-        self._tasks[job.id] = asyncio.ensure_future(self._run(job, work))
+        self._tasks[job.id] = asyncio.ensure_future(self._run(job, work, lane, why_not or self.why_not))
         return job
 
-    async def _run(self, job: Job, work: Work) -> None:
+    def task(self, job: Job) -> asyncio.Task[None] | None:
+        """The task running ``job`` (to wait for it), while it is queued or running."""
+        return self._tasks.get(job.id)
+
+    async def _run(self, job: Job, work: Work, lane: str, why_not: Callable[[], str | None]) -> None:
         try:
-            async with self._one:
-                if job.stop_reason is None and (why := self.why_not()) is not None:
+            async with self._lanes.setdefault(lane, asyncio.Lock()):
+                if job.stop_reason is None and (why := why_not()) is not None:
                     job.stop_reason = why
                     job.state = "skipped"
                     return
@@ -184,7 +191,7 @@ class JobManager:
             if (why := self.why_not()) is not None:
                 job.stop_reason = why
                 raise JobStopped(why)
-            if self._share_used() < self.config.cpu_share:
+            if self.share_left():
                 break
             job.state = "waiting"
             job.progress = f"resting: jobs may use {self.config.cpu_share:.0%} of the time ([jobs] cpu_share)"
@@ -196,9 +203,16 @@ class JobManager:
             return await call()
         finally:
             job.calls.discard(cancel)
-            ended = time.monotonic()
-            self._spans.append((started, ended))
-            job.model_s += ended - started
+            self.account(job, started, time.monotonic())
+
+    def account(self, job: Job, started: float, ended: float) -> None:
+        """Count work of ``job`` from ``started`` to ``ended`` (monotonic) in its cost, the share and the budget."""
+        self._spans.append((started, ended))
+        job.model_s += ended - started
+
+    def share_left(self) -> bool:
+        """Whether jobs may work now within ``cpu_share``."""
+        return self._share_used() < self.config.cpu_share
 
     def cancel(self, job_id: str, why: str = "cancelled by the user") -> bool:
         """Stop a queued or running job; False if no such job is running or waiting."""

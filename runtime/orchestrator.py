@@ -134,6 +134,8 @@ class Orchestrator:
         # Memory and learner writes in flight, and the acknowledgements that follow them: the
         # daemon's shutdown waits for these (``drain``) before it stops the actors.
         self._writes: set[asyncio.Future[Any]] = set()
+        self.storing: dict[str, asyncio.Future[Any]] = {}  # query id -> its exchange's write, until done
+        self.adapters: dict[str, int] = {}  # model -> the LoRA adapter version deployed for it (runtime/training.py)
         self.power: dict[str, Any] = {"profile": "maximum"}  # the EnergyMonitor's last reading, kept fresh by the daemon
         self.asks: set[Ask] = set()  # admitted and not over
         # What the learner chooses among: every routing stage set, then every chain.
@@ -296,6 +298,9 @@ class Orchestrator:
         # here) starts just before, and `remembered` acknowledges it once it is on disk.
         exchange = self._exchange(ask, results) if ask.use_memory and self.memory is not None and not ask.cancelled else None
         write = self._track(self._remember(exchange), f"storing {ask.query_id}") if exchange else None
+        if write is not None:  # a rating that comes before the write is done waits for it (``stored``)
+            self.storing[ask.query_id] = write
+            write.add_done_callback(lambda _: self.storing.pop(ask.query_id, None))
         await emit("done", final=write is None, query_id=ask.query_id, cancelled=ask.cancelled, metrics=metrics)
         if self.on_done:
             self.on_done(ask, metrics)
@@ -585,7 +590,10 @@ class Orchestrator:
         confidences: list[float] = []
         warmed = self.speculation.warmed(step.name) if self.speculation is not None else None
         try:
-            await emit("stage_start", stage=step.name, model=model, **({"warmed": warmed} if warmed else {}))
+            extra = {"warmed": warmed} if warmed else {}
+            if model in self.adapters:  # deployed before this question: the actor switches before its turn
+                extra["adapter"] = self.adapters[model]
+            await emit("stage_start", stage=step.name, model=model, **extra)
             # The stage's time (timeout_s) starts with its model's turn: waiting behind other
             # questions is queued_s, and emit never waits for the client (see server.Outbox).
             async with asyncio.timeout(None) as deadline:

@@ -53,6 +53,7 @@ class App(Protocol):
     async def hint(self, request: dict[str, Any]) -> dict[str, Any]: ...
     async def jobs_op(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
     async def cache_op(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
+    async def train_op(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
     async def models_op(self, request: dict[str, Any]) -> dict[str, Any]: ...  # raises ProtocolError
     def new_ask(self, request: dict[str, Any], client: bytes) -> Any: ...  # raises ProtocolError (``busy`` too)
     async def run_ask(self, ask: Any, emit: Emit) -> None: ...
@@ -231,6 +232,8 @@ class Server:
             self._spawn(self._report(ident, outbox, rid, type_, self.app.models_op(request)))
         elif type_ == "jobs":
             self._spawn(self._report(ident, outbox, rid, type_, self.app.jobs_op(request)))
+        elif type_ == "train":
+            self._spawn(self._report(ident, outbox, rid, type_, self.app.train_op(request)))
         elif type_ == "cache":
             self._spawn(self._report(ident, outbox, rid, type_, self.app.cache_op(request)))
         elif type_ == "cancel":
