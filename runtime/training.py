@@ -155,10 +155,19 @@ class Training:
 
         from .placement import actor_options
 
+        import ray
+
         ns = self.daemon.config.ray_namespace
         options = {**actor_options(f"trainer:{time.monotonic_ns()}", self.config.placement, ns), "max_restarts": 0}
-        if self.config.num_gpus:
-            options["num_gpus"] = self.config.num_gpus
+        # A GPU when one is configured, or when the node it is placed on (here, by default) has one.
+        if self.config.placement.local:
+            here = ray.get_runtime_context().get_node_id()
+            offered = next((n["Resources"] for n in ray.nodes() if n["NodeID"] == here), {})
+        else:
+            offered = ray.cluster_resources()
+        gpus = self.config.num_gpus or (1 if offered.get("GPU", 0) >= 1 else 0)
+        if gpus:
+            options["num_gpus"] = gpus
         else:  # one thread, and a quiet one: OpenMP spinning beside llama.cpp slowed both (DESIGN.md)
             options["runtime_env"] = {"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "passive"}}
         return Trainer.options(**options).remote()
@@ -197,8 +206,8 @@ class Training:
         job.result = {"version": version, "deployed": verdict["deploy"], "why": verdict["why"]}
         job.progress = f"v{version} {'deployed' if verdict['deploy'] else 'kept back'}: {verdict['why']}"
         log.info("training %s: %s", model, job.progress)
-        if verdict["deploy"]:
-            await self.apply(model)
+        if verdict["deploy"] and (errors := await self.apply(model)):
+            job.progress += f"; but the stages refused it: {errors[0]}"
 
     async def _watch(self, job: Job, trainer: Any, run: Any) -> dict[str, Any]:
         """Wait for ``run`` while pausing the trainer for questions and the CPU share, and
@@ -231,15 +240,27 @@ class Training:
                     job.progress += " (paused: a question is answered)" if orchestrator.asks else " (resting: [jobs] cpu_share)"
         return pending.result()
 
-    async def apply(self, model: str) -> list[dict[str, Any]]:
-        """Switch every actor running ``model`` to the store's active adapter (between generations)."""
-        active = self.store.active(model)
-        if active is None:
-            self.daemon.orchestrator.adapters.pop(model, None)
-        else:
-            self.daemon.orchestrator.adapters[model] = active["version"]
+    async def apply(self, model: str) -> list[str]:
+        """Switch every actor running ``model`` to the store's active adapter (between generations);
+        returns the actors' errors. An adapter an actor refuses (its file fails the checks) is not
+        left active: the model goes back to its base everywhere."""
         actors = [a for key, a in self.daemon.actors.items() if model in self.daemon.runs.get(key, ())]
-        return list(await asyncio.gather(*(a.set_adapter.remote(model) for a in actors)))
+
+        async def switch() -> list[str]:
+            active = self.store.active(model)
+            if active is None:
+                self.daemon.orchestrator.adapters.pop(model, None)
+            else:  # named by stage_start from now on: the actors switch before any later turn
+                self.daemon.orchestrator.adapters[model] = active["version"]
+            switched = await asyncio.gather(*(a.set_adapter.remote(model) for a in actors))
+            return [s["error"] for s in switched if s["error"]]
+
+        errors = await switch()
+        if errors and self.store.active(model) is not None:
+            log.error("training: %s; %s runs its base model", errors[0], model)
+            self.store.off(model)
+            await switch()
+        return errors
 
     # -- `mirador train ...` --------------------------------------------------------------
     async def op(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -270,10 +291,9 @@ class Training:
                 self.store.off(model)
         except AdapterStoreError as exc:
             raise ProtocolError("not_found", str(exc), rid) from None
-        switched = await self.apply(model)
-        errors = [s["error"] for s in switched if s["error"]]
+        errors = await self.apply(model)
         if errors:
-            raise ProtocolError("model_error", errors[0], rid)
+            raise ProtocolError("model_error", f"{errors[0]}; {model} runs its base model", rid)
         return self.status(model)
 
     def status(self, model: str | None = None) -> dict[str, Any]:

@@ -247,3 +247,34 @@ def test_train_requests_are_checked():
     for bad, why in ((dict(ok, op="explode"), "one of"), (dict(ok, version=0), "positive"), (dict(ok, wait="yes"), "wait")):
         with pytest.raises(ProtocolError, match=why):
             check_request(bad)
+
+
+@needs_training
+def test_a_damaged_adapter_file_never_reaches_llama_cpp_and_the_base_model_answers(daemon):
+    with client(daemon) as c:
+        active = c.train("status")["models"]["smollm2-135m"]["active"]
+        c.train("off")
+        path = daemon.home.paths.data / "adapters" / "smollm2-135m" / f"v{active}.gguf"
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # truncated, as by a full disk
+        with pytest.raises(ResponseError, match="was not applied"):
+            c.train("rollback", version=active)
+        events = ask(daemon, QUESTION)  # the process did not crash: the base model answers
+        assert event(events, "stage_end")["adapter"] is None and answer(events)
+        assert "adapter" not in event(events, "stage_start")
+        quick = next(a for a in c.status()["actors"] if a["stage"] == "quick")
+        assert quick["adapters"]["smollm2-135m"] is None and "smollm2-135m" in quick["adapter_errors"]
+        assert c.train("status")["models"]["smollm2-135m"]["active"] is None  # not left active
+
+
+def test_a_machine_without_the_training_packages_says_how_to_install_them(monkeypatch):
+    from types import SimpleNamespace
+
+    from mirador.runtime import training
+    from mirador.runtime.config_schema import TrainConfig
+
+    monkeypatch.setattr(training, "missing_packages", lambda: ["torch", "peft"])
+    daemon = SimpleNamespace(config=SimpleNamespace(train=TrainConfig()), paths=SimpleNamespace(data=Path("/nonexistent")),
+                             jobs=SimpleNamespace(why_not=lambda: None),
+                             orchestrator=SimpleNamespace(power={"profile": "maximum"}))
+    why = training.Training(daemon).why_not()
+    assert "torch, peft" in why and "scripts/setup.sh --train" in why
