@@ -55,6 +55,34 @@ def resolve_source(source: str) -> Path:
     return path
 
 
+def chat_formatter(llm: Any, name: str) -> Any:
+    """The chat formatter for a loaded ``Llama`` (its own template, with the generation prompt).
+
+    A function, so LoRA training (actors/lora_train.py) formats prompts exactly as a stage does.
+    """
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ModelError(f"{name} has no chat template: it is a base model, not a chat model")
+
+    def token_text(token_id: int) -> str:
+        return llm.detokenize([token_id], special=True).decode("utf-8", errors="ignore") if token_id >= 0 else ""
+
+    return Jinja2ChatFormatter(
+        template=template,
+        eos_token=token_text(llm.token_eos()),
+        bos_token=token_text(llm.token_bos()),
+        add_generation_prompt=True,
+    )
+
+
+def prompt_token_ids(llm: Any, formatter: Any, messages: Messages) -> list[int]:
+    """The token ids a stage feeds the model for ``messages``, ending with the assistant's header."""
+    formatted = formatter(messages=messages)
+    return llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+
+
 class _LogprobProbe:
     """A logits processor that keeps the log-softmax normaliser of the last position.
 
@@ -103,7 +131,6 @@ class LlamaCppBackend(Backend):
     def _load(self) -> None:
         path = resolve_source(self.source)
         from llama_cpp import Llama
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         try:
             llm = Llama(
@@ -115,19 +142,7 @@ class LlamaCppBackend(Backend):
             )
         except (ValueError, RuntimeError) as exc:
             raise ModelError(f"llama.cpp could not load {path}: {exc}") from None
-        template = llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise ModelError(f"{path.name} has no chat template: it is a base model, not a chat model")
-
-        def token_text(token_id: int) -> str:
-            return llm.detokenize([token_id], special=True).decode("utf-8", errors="ignore") if token_id >= 0 else ""
-
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=token_text(llm.token_eos()),
-            bos_token=token_text(llm.token_bos()),
-            add_generation_prompt=True,
-        )
+        self._formatter = chat_formatter(llm, path.name)
         self._eog = {t for t in (llm.token_eos(), *self._stop_token_ids(llm)) if t >= 0}
         self._llm = llm
 
@@ -152,8 +167,7 @@ class LlamaCppBackend(Backend):
         return len(self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
     def prompt_tokens(self, messages: Messages) -> list[int]:
-        formatted = self._formatter(messages=messages)
-        return self._llm.tokenize(formatted.prompt.encode("utf-8"), add_bos=not formatted.added_special, special=True)
+        return prompt_token_ids(self._llm, self._formatter, messages)
 
     def _common_prefix(self, tokens: list[int]) -> int:
         """How many of ``tokens`` the model's context holds already (llama-cpp-python reuses the
