@@ -96,13 +96,12 @@ def write_adapter(path: str | os.PathLike[str], tensors: Mapping[str, tuple[np.n
 
     facts = base if isinstance(base, Mapping) else base_facts(base)
     path = Path(path)
-    writer_kv = {"general.type": "adapter", "adapter.type": "lora"}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, facts["architecture"])
-        for key, value in writer_kv.items():
-            writer.add_string(key, value)
+        writer = gguf.GGUFWriter(tmp, facts["architecture"])  # writes general.architecture
+        writer.add_string("general.type", "adapter")
+        writer.add_string("adapter.type", "lora")
         writer.add_float32("adapter.lora.alpha", float(alpha))
         for name, (a, b) in sorted(tensors.items()):
             a = np.ascontiguousarray(a, dtype=np.float32)
