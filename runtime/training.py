@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from mirador.actors.adapters import AdapterStore, AdapterStoreError
+from mirador.actors.lora_train import missing_dependencies  # imports no ML package itself
 from mirador.client.protocol import ProtocolError
 
 from .jobs import Job, JobStopped
@@ -38,14 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mirador.training")
 
-TRAIN_PACKAGES = ("torch", "transformers", "peft", "gguf")
 MIN_RUN_EXAMPLES = 4  # fewer cannot be split into something to learn from and something to judge by
 POLL_S = 0.1  # how often a running job looks at questions in flight (a question waits at most a step)
-
-
-def missing_packages() -> list[str]:
-    """The training packages this machine lacks (found without importing them)."""
-    return [name for name in TRAIN_PACKAGES if importlib.util.find_spec(name) is None]
 
 
 def split(examples: list[dict[str, Any]], share: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -116,7 +110,7 @@ class Training:
         profile = self.daemon.orchestrator.power.get("profile", "maximum")
         if profile not in self.config.profiles:
             return f"training runs on the {' or '.join(self.config.profiles)} power profile, not {profile} ([train] profiles)"
-        if self._local() and (missing := missing_packages()):
+        if self._local() and (missing := missing_dependencies()):
             return (f"training needs {', '.join(missing)}: install them with `scripts/setup.sh --train` "
                     "(or `pip install 'mirador-ai[train]'` after `pip install torch`)")
         return None
@@ -228,6 +222,7 @@ class Training:
             if pause != paused and not stopping:
                 paused = pause
                 (trainer.pause if pause else trainer.resume).remote()
+                log.debug("training %s: %s", job.id, "paused" if pause else "resumed")
                 job.state = "waiting" if pause else "running"
             if now - looked >= 1.0:
                 looked = now

@@ -127,7 +127,7 @@ def test_missing_dependencies_names_what_is_absent(monkeypatch):
 def test_training_reports_each_step_and_yields_its_turn(trained):
     stats, progress = trained["stats"], trained["progress"]
     assert [(step, total) for step, total, _ in progress] == [(n, 6) for n in range(1, 7)]
-    assert trained["turns"] == 6  # wait_turn before every step
+    assert trained["turns"] == 8 * 3  # wait_turn before every example of every step: a question waits for one
     assert progress[-1][2] < progress[0][2] - 1  # the loss fell
     assert stats["steps"] == 6 and stats["loss"] == progress[-1][2]
     assert stats["examples"] == 8 and stats["skipped"] == 0
