@@ -145,11 +145,11 @@ class Training:
         return job
 
     def _trainer(self) -> Any:
+        import ray
+
         from mirador.actors.trainer import Trainer
 
         from .placement import actor_options
-
-        import ray
 
         ns = self.daemon.config.ray_namespace
         options = {**actor_options(f"trainer:{time.monotonic_ns()}", self.config.placement, ns), "max_restarts": 0}

@@ -267,15 +267,31 @@ def test_a_damaged_adapter_file_never_reaches_llama_cpp_and_the_base_model_answe
         assert c.train("status")["models"]["smollm2-135m"]["active"] is None  # not left active
 
 
-def test_a_machine_without_the_training_packages_says_how_to_install_them(monkeypatch):
+def offline_training(data_dir: Path, profile: str = "maximum", **train: object):
+    """The daemon's Training over a stand-in for the rest of the daemon (its rules need no Ray)."""
     from types import SimpleNamespace
 
     from mirador.runtime import training
     from mirador.runtime.config_schema import TrainConfig
 
+    daemon = SimpleNamespace(config=SimpleNamespace(train=TrainConfig(**train)), paths=SimpleNamespace(data=data_dir),
+                             jobs=SimpleNamespace(why_not=lambda: None), orchestrator=SimpleNamespace(power={"profile": profile}))
+    return training.Training(daemon)
+
+
+def test_a_machine_without_the_training_packages_says_how_to_install_them(monkeypatch, tmp_path):
+    from mirador.runtime import training
+
     monkeypatch.setattr(training, "missing_dependencies", lambda: ["torch", "peft"])
-    daemon = SimpleNamespace(config=SimpleNamespace(train=TrainConfig()), paths=SimpleNamespace(data=Path("/nonexistent")),
-                             jobs=SimpleNamespace(why_not=lambda: None),
-                             orchestrator=SimpleNamespace(power={"profile": "maximum"}))
-    why = training.Training(daemon).why_not()
+    why = offline_training(tmp_path).why_not()
     assert "torch, peft" in why and "scripts/setup.sh --train" in why
+
+
+def test_the_schedule_waits_for_enough_new_exchanges_and_the_interval_and_the_profile(tmp_path):
+    t = offline_training(tmp_path, min_examples=20, interval_h=6)
+    assert t._due("m", 20) and not t._due("m", 19)  # never trained: only the count matters
+    t.store.record("m", 1, {"example_ids": ["a"]}, True, "better")
+    assert not t._due("m", 50)  # trained just now: wait for the interval
+    assert offline_training(tmp_path, min_examples=20, interval_h=0)._due("m", 20)
+    assert "balanced" in offline_training(tmp_path, profile="balanced").why_not()
+    assert offline_training(tmp_path, profile="balanced", profiles=("maximum", "balanced")).why_not() is None
