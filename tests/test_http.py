@@ -13,6 +13,7 @@ import asyncio
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import stat
@@ -81,6 +82,10 @@ def ndjson(api, path: str, body: dict, headers: dict | None = None) -> list[dict
 
 # -- the official ollama client --------------------------------------------------------------
 def test_ollama_list_show_ps(api):
+    status, headers, body = raw(api, "GET", "/")
+    assert status == 200 and headers["content-type"].startswith("text/plain") and b"Ollama is running" in body
+    status, _, body = raw(api, "GET", "/api/version")
+    assert status == 200 and re.fullmatch(r"\d+\.\d+\.\d+", json.loads(body)["version"])  # Open WebUI parses it so
     client = ollama.Client(host=api["url"])
     names = [m.model for m in client.list().models]
     assert names[0] == "mirador"
@@ -268,6 +273,12 @@ def test_bad_requests_get_a_clear_4xx(api):
     assert status == 400 and "temperature" in json.loads(body)["error"]
     status, _, body = raw(api, "POST", "/api/create", {"model": "x"})
     assert status == 501 and "models.toml" in json.loads(body)["error"]
+    for method, path in (("POST", "/api/copy"), ("POST", "/api/push"), ("DELETE", "/api/delete"),
+                         ("POST", "/api/blobs/sha256:abc")):
+        status, _, body = raw(api, method, path, {"model": "x"})
+        assert status == 501 and "Mirador" in json.loads(body)["error"], (path, body)
+    status, _, body = raw(api, "HEAD", "/api/blobs/sha256:abc")
+    assert status == 501
     status, _, body = raw(api, "GET", "/api/nothing-here")
     assert status == 404 and json.loads(body)["error"]
 

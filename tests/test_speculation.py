@@ -210,6 +210,13 @@ def test_a_paraphrased_repeat_is_served_from_cache_and_near_misses_are_not(daemo
     assert answer(again).strip() == answer(first).strip()  # the quick answer the first question got
     assert all(e.get("cached") for e in again if e["event"] == "token" and e["stage"] == "quick")
     assert event(again, "stage_end", "quick")["cached"] is True
+    # with a deeper stage in the plan, the cached quick answer comes at once and the deep stage still runs live
+    deeper = ask(daemon, "How many legs do spiders have?", max_tokens=16, stages=["quick", "deep"])
+    no_followups(daemon)
+    assert event(deeper, "stage_start", "quick")["cached"] is True
+    deep_tokens = [e for e in deeper if e["event"] == "token" and e["stage"] == "deep"]
+    assert deep_tokens and not any(e.get("cached") for e in deep_tokens)
+    assert not event(deeper, "stage_end", "deep").get("cached") and event(deeper, "stage_end", "deep")["tokens"] > 0
 
     ask(daemon, "Is it safe to give my dog 2 grapes?", max_tokens=12)
     no_followups(daemon)
