@@ -410,7 +410,7 @@ class TrainConfig(Table):
     batch_size: Int = Field(4, ge=1)
     max_tokens: Int = Field(256, ge=16)  # per example (prompt and answer), longer ones are cut
     # Deploy only if, measured in llama.cpp, the held-out answers gain at least min_gain nats per
-    # token and the shipped general-knowledge set loses at most max_general_drop.
+    # token and the shipped general-knowledge set loses at most max_general_drop on its answers' bodies.
     min_gain: Float = Field(0.05, ge=0)
     max_general_drop: Float = Field(0.1, ge=0)
     num_gpus: Float = Field(0.0, ge=0)  # > 0: train on a node with a GPU (the Ray cluster's); 0: here, on one CPU thread

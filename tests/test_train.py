@@ -42,7 +42,7 @@ epochs = 8         # long enough that a question comes while it takes steps
 learning_rate = 1e-3
 max_tokens = 96
 held_out = 0.25
-max_general_drop = 10.0  # the persona's style costs the general set's neutral answers (tests/test_lora.py tests the gate)
+max_general_drop = 10.0  # a dozen exchanges for 8 epochs overfit; tests/test_lora.py tests the gate itself
 """
 QUESTION = "What is a lighthouse keeper?"
 
