@@ -147,8 +147,8 @@ Replies (daemon -> client)
     ``learning_disabled``, ``unknown_model`` (not in the manifest), ``model_unused`` (no stage
     or chain runs it), ``model_error`` (it would not load), ``busy`` (an ask beyond the
     limits on waiting questions: see *Admission and control*), ``memory_unavailable`` (after
-    ``done``: the exchange could not be stored), ``not_trainable`` (``train`` for a model that
-    is not an embedded one a stage runs), ``jobs_off`` (``train run`` when the rules allow no
+    ``done``: the exchange could not be stored), ``not_trainable`` (a train request for a model
+    that is not an embedded one a stage runs), ``jobs_off`` (train run when the rules allow no
     run now: the power profile, the budget, missing packages; the message says which),
     ``shutting_down``, ``internal``.
     Stage errors (not final) use ``model_error`` (the model failed), ``unknown_model`` (the
