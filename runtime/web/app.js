@@ -187,7 +187,7 @@ function onToken(ev) {
   const c = typeof ev.confidence === "number" ? Math.min(1, Math.max(0, ev.confidence)) : null;
   const span = el("span", { class: "tok", text: ev.text });
   if (c !== null) {
-    span.dataset.confidence = c.toFixed(3);
+    span.dataset.confidence = String(c); // exact: the band is decided on it, not on a rounded copy
     span.dataset.band = band(c);
     span.style.setProperty("--c", c.toFixed(3));
     span.title = `confidence ${c.toFixed(2)}${ev.logprob != null ? `, log-prob ${ev.logprob.toFixed(2)}` : ""}${ev.model ? ` (${ev.model})` : ""}`;
