@@ -57,6 +57,7 @@ class Training:
         self.config = daemon.config.train
         self.store = AdapterStore(daemon.paths.data / "adapters")
         self.running: dict[str, Job] = {}  # model -> its run, while queued or running
+        self.failed_at: dict[str, float] = {}  # model -> when its last run failed (the schedule waits as after a run)
 
     # -- what is trained ------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -116,7 +117,7 @@ class Training:
         return None
 
     def _due(self, model: str, new: int) -> bool:
-        last = max((v["created"] for v in self.store.history(model)), default=0.0)
+        last = max([self.failed_at.get(model, 0.0), *(v["created"] for v in self.store.history(model))])
         return new >= self.config.min_examples and time.time() - last >= self.config.interval_h * 3600
 
     async def schedule(self) -> None:
@@ -141,7 +142,13 @@ class Training:
         job = self.daemon.jobs.submit("train", model, lambda j: self._work(j, model), f"LoRA for {model}: {why}",
                                       lane="train", why_not=self.why_not)
         self.running[model] = job
-        self.daemon.jobs.task(job).add_done_callback(lambda _: self.running.pop(model, None))
+
+        def ended(_: Any) -> None:
+            self.running.pop(model, None)
+            if job.state == "failed":  # files nothing: without this the schedule would retry at every look
+                self.failed_at[model] = time.time()
+
+        self.daemon.jobs.task(job).add_done_callback(ended)
         return job
 
     def _trainer(self) -> Any:

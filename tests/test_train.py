@@ -293,5 +293,8 @@ def test_the_schedule_waits_for_enough_new_exchanges_and_the_interval_and_the_pr
     t.store.record("m", 1, {"example_ids": ["a"]}, True, "better")
     assert not t._due("m", 50)  # trained just now: wait for the interval
     assert offline_training(tmp_path, min_examples=20, interval_h=0)._due("m", 20)
+    failing = offline_training(tmp_path / "other", min_examples=20, interval_h=6)
+    failing.failed_at["m"] = time.time()  # a run that failed just now waits like one that ran
+    assert not failing._due("m", 50)
     assert "balanced" in offline_training(tmp_path, profile="balanced").why_not()
     assert offline_training(tmp_path, profile="balanced", profiles=("maximum", "balanced")).why_not() is None
