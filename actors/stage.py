@@ -156,12 +156,12 @@ class StageActor:
         if backend.kind != "llamacpp":
             return {"model": model, "adapter": None, "error": f"{model} is not an embedded model: it has no adapters"}
         async with self._turns.urgent():
+            error = None
             try:
-                adapter = await backend.use_adapter()
-                return {"model": model, "adapter": adapter and adapter["version"], "error": None}
-            except ModelError as exc:
-                backend.adapter_error = str(exc)
-                return {"model": model, "adapter": backend.adapter and backend.adapter["version"], "error": str(exc)}
+                await backend.use_adapter()
+            except ModelError as exc:  # the adapter it had stays
+                error = backend.adapter_error = str(exc)
+            return {"model": model, "adapter": self._adapters()[model], "error": error}
 
     def _adapters(self) -> dict[str, Any]:
         """model -> the version of the adapter it runs with (None: base), for embedded models."""

@@ -5,7 +5,7 @@ The daemon starts one per training run (placed like any actor: on a node with a 
 GB) is given back. Here it runs at a lower OS priority with one torch thread (two threads beside
 a busy process ran 5-15x slower; shared DESIGN.md). It is a threaded actor: ``run`` trains on one
 thread while ``pause``/``resume``/``stop``/``progress`` answer on others. The daemon pauses it
-while a user question runs (training then waits before its next step) and stops it when the
+while a user question runs (training then waits before its next example) and stops it when the
 job must end. The work itself is ``actors/lora_train.py``; this file only hosts it.
 """
 

@@ -441,9 +441,6 @@ class Daemon:
             from .training import Training
 
             self.training = Training(self)
-            for model in self.training.models():  # what stage_start names; the actors read the store themselves
-                if (active := self.training.store.active(model)) is not None:
-                    self.orchestrator.adapters[model] = active["version"]
             log.info("power profile: %s (battery %s)", self.orchestrator.power["profile"], self.orchestrator.power["battery"])
             watching = asyncio.ensure_future(self._watch_power())
             pruning = asyncio.ensure_future(self._prune())

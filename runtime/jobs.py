@@ -14,7 +14,8 @@ Rules every job obeys, checked before it starts and before each step (``step``):
   * a daily budget of model time (``daily_cpu_s``), counted from the jobs of today, kept across
     restarts in the metrics database.
 Jobs of one lane run one at a time, in order (speculation's jobs share the ``model`` lane;
-training has its own, so that a run of minutes does not hold up a typing-time prefill); a job that is told to stop (``cancel``, shutdown, the profile
+training has its own, so that a run of minutes does not hold up a typing-time prefill); a job
+that is told to stop (``cancel``, shutdown, the profile
 turning ``minimal``) ends at its next step with state ``cancelled``, after its running model
 call stops at its next token.
 

@@ -58,6 +58,16 @@ class Training:
         self.store = AdapterStore(daemon.paths.data / "adapters")
         self.running: dict[str, Job] = {}  # model -> its run, while queued or running
         self.failed_at: dict[str, float] = {}  # model -> when its last run failed (the schedule waits as after a run)
+        for model in self.models():  # what stage_start names; the actors read the store themselves
+            self._announce(model)
+
+    def _announce(self, model: str) -> None:
+        """Tell the orchestrator (for ``stage_start``) which adapter version ``model`` runs with."""
+        active = self.store.active(model)
+        if active is None:
+            self.daemon.orchestrator.adapters.pop(model, None)
+        else:
+            self.daemon.orchestrator.adapters[model] = active["version"]
 
     # -- what is trained ------------------------------------------------------------------
     def models(self) -> list[str]:
@@ -249,11 +259,7 @@ class Training:
         actors = [a for key, a in self.daemon.actors.items() if model in self.daemon.runs.get(key, ())]
 
         async def switch() -> list[str]:
-            active = self.store.active(model)
-            if active is None:
-                self.daemon.orchestrator.adapters.pop(model, None)
-            else:  # named by stage_start from now on: the actors switch before any later turn
-                self.daemon.orchestrator.adapters[model] = active["version"]
+            self._announce(model)  # named by stage_start from now on: the actors switch before any later turn
             switched = await asyncio.gather(*(a.set_adapter.remote(model) for a in actors))
             return [s["error"] for s in switched if s["error"]]
 

@@ -16,3 +16,11 @@ def read() -> SimpleNamespace | None:
 
 def write(path: Path, percent: float | None = None, plugged: bool | None = None) -> None:
     path.write_text(json.dumps(None if percent is None else {"percent": percent, "plugged": plugged}))
+
+
+def attach(home, path: Path, percent: float | None = 90, plugged: bool | None = True) -> Path:
+    """Give a test daemon's home this sensor's reading file (written now) and let its Ray workers,
+    which import the sensor, find the tests package."""
+    write(path, percent, plugged)
+    home.env.update(MIRADOR_TEST_BATTERY=str(path), PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    return path

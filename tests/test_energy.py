@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
@@ -12,7 +11,6 @@ from mirador.actors.energy import Energy, forced_profile
 from . import fake_battery
 from .conftest import make_home, start_daemon, stop_daemon
 
-ROOT = Path(__file__).resolve().parent.parent
 COMPLEX = ("Compare PostgreSQL and MongoDB for a distributed architecture: what are the trade-offs "
            "in latency and scalability, and which should a small team pick?")
 
@@ -54,9 +52,8 @@ def test_a_broken_sensor_means_mains_power(battery):
 
 
 def test_the_daemon_plans_by_power_profile(battery):
-    fake_battery.write(battery, 80, True)
     home = make_home({"mirador.toml": '[energy]\nsensor = "tests.fake_battery:read"\npoll_s = 0.2\n'})
-    home.env.update(MIRADOR_TEST_BATTERY=str(battery), PYTHONPATH=str(ROOT))  # Ray workers import the sensor
+    fake_battery.attach(home, battery, 80, True)
     d = start_daemon(home)
     try:
         def plan_on(percent, plugged, profile):

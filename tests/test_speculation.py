@@ -7,14 +7,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from pathlib import Path
 
 import pytest
 
 from . import fake_battery
 from .conftest import done_event, make_home, start_daemon, stop_daemon
 
-ROOT = Path(__file__).resolve().parent.parent
 
 CONFIG = """
 [energy]
@@ -31,12 +29,10 @@ DOG = "My dog's name is Biscuit and she is a beagle."
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    battery = tmp_path_factory.mktemp("battery") / "battery.json"
-    fake_battery.write(battery, 90, True)
     home = make_home({"mirador.toml": CONFIG})
     for key in ("MIRADOR_JOBS__FOLLOWUPS", "MIRADOR_CACHE__ENABLED"):  # conftest turns them off for other modules
         home.env.pop(key)
-    home.env.update(MIRADOR_TEST_BATTERY=str(battery), PYTHONPATH=str(ROOT))  # Ray workers import the sensor
+    battery = fake_battery.attach(home, tmp_path_factory.mktemp("battery") / "battery.json")
     d = start_daemon(home)
     d.battery = battery
     yield d

@@ -27,7 +27,6 @@ from .conftest import done_event, make_home, start_daemon, stop_daemon
 # CI installs the train extra (scripts/test.sh); without it only the tests that need no torch run.
 needs_training = pytest.mark.skipif(bool(missing_dependencies()), reason="training needs the train extra: scripts/setup.sh --train")
 
-ROOT = Path(__file__).resolve().parent.parent
 CONFIG = """
 [energy]
 sensor = "tests.fake_battery:read"
@@ -49,10 +48,8 @@ QUESTION = "What is a lighthouse keeper?"
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    battery = tmp_path_factory.mktemp("battery") / "battery.json"
-    fake_battery.write(battery, 90, True)
     home = make_home({"mirador.toml": CONFIG})
-    home.env.update(MIRADOR_TEST_BATTERY=str(battery), PYTHONPATH=str(ROOT))  # Ray workers import the sensor
+    battery = fake_battery.attach(home, tmp_path_factory.mktemp("battery") / "battery.json")
     d = start_daemon(home)
     d.battery = battery
     yield d
@@ -274,7 +271,8 @@ def offline_training(data_dir: Path, profile: str = "maximum", **train: object):
     from mirador.runtime import training
     from mirador.runtime.config_schema import TrainConfig
 
-    daemon = SimpleNamespace(config=SimpleNamespace(train=TrainConfig(**train)), paths=SimpleNamespace(data=data_dir),
+    daemon = SimpleNamespace(config=SimpleNamespace(train=TrainConfig(**train), models={}), runs={},
+                             paths=SimpleNamespace(data=data_dir),
                              jobs=SimpleNamespace(why_not=lambda: None), orchestrator=SimpleNamespace(power={"profile": profile}))
     return training.Training(daemon)
 
