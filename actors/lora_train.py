@@ -205,7 +205,8 @@ def train_lora(base_path: str | Path, examples: Sequence[Example], system_prompt
             loss_sum = 0.0
             # One example at a time (gradients accumulated, weighted by answer tokens: the same
             # step as the whole batch at once), so that a question waits for one example's
-            # forward and backward pass (~0.65 s here: bench_train, 78 s for 30 steps of 4), not for a whole batch's.
+            # forward and backward pass (~0.65 s here: bench_train, 78 s for 30 steps of 4), not
+            # for a whole batch's.
             for example in batch:
                 if wait_turn is not None:
                     wait_turn()
